@@ -1,0 +1,2 @@
+//! berth-agent: PID 1 of the Berth guest.
+fn main() {}

@@ -1,0 +1,223 @@
+//! Typed requests and responses of the control connection.
+//!
+//! Every request travels in a [`RequestEnvelope`] with an id chosen by the host; the agent
+//! answers with a [`ResponseEnvelope`] carrying the same id and either a [`Response`] or an
+//! [`AgentError`]. The first request on a connection must be [`Request::Hello`].
+
+use serde::{Deserialize, Serialize};
+
+/// A request with the id its response will carry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RequestEnvelope {
+    /// Chosen by the host, echoed in the response.
+    pub id: u64,
+    /// What is asked.
+    pub request: Request,
+}
+
+/// A response to the request with the same id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResponseEnvelope {
+    /// The id of the request this answers.
+    pub id: u64,
+    /// The answer, or why there is none.
+    pub result: Result<Response, AgentError>,
+}
+
+/// What the host can ask of the agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "body")]
+pub enum Request {
+    /// Version handshake; must be the first request on a connection.
+    Hello(Hello),
+    /// Liveness check.
+    Ping,
+    /// Facts about the guest: kernel, memory, cpus, uptime.
+    SystemInfo,
+    /// Sync filesystems and power the VM off. The agent answers before it powers off.
+    Shutdown,
+}
+
+/// What the agent answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "body")]
+pub enum Response {
+    /// Answer to [`Request::Hello`].
+    Hello(HelloAck),
+    /// Answer to [`Request::Ping`].
+    Pong,
+    /// Answer to [`Request::SystemInfo`].
+    SystemInfo(SystemInfo),
+    /// The request was carried out and has nothing to report.
+    Done,
+}
+
+/// The host's side of the handshake.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Oldest protocol version the host accepts.
+    pub min_version: u16,
+    /// Newest protocol version the host speaks.
+    pub max_version: u16,
+    /// The host's wall clock, nanoseconds since the Unix epoch. The guest has no battery-backed
+    /// clock worth trusting, so the agent sets its clock from this.
+    pub host_time_unix_nanos: u128,
+}
+
+/// The agent's side of the handshake.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HelloAck {
+    /// The protocol version both sides now speak.
+    pub version: u16,
+    /// The agent's build version (its crate version).
+    pub agent_version: String,
+    /// Random per-boot identifier from the guest kernel, so the host can tell a rebooted guest.
+    pub boot_id: String,
+}
+
+/// Facts about the running guest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SystemInfo {
+    /// `uname -r`.
+    pub kernel_release: String,
+    /// `uname -v`.
+    pub kernel_version: String,
+    /// `uname -m`.
+    pub arch: String,
+    /// Total memory the guest kernel manages, in bytes.
+    pub mem_total_bytes: u64,
+    /// Memory available for new work, in bytes (`MemAvailable`).
+    pub mem_available_bytes: u64,
+    /// Online CPUs.
+    pub cpus: u32,
+    /// Seconds since the guest kernel booted.
+    pub uptime_secs: f64,
+    /// The agent's build version.
+    pub agent_version: String,
+    /// Same as in [`HelloAck`].
+    pub boot_id: String,
+}
+
+/// Why the agent could not carry out a request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct AgentError {
+    /// The class of failure, which the host maps to its own errors (and Docker status codes).
+    pub kind: AgentErrorKind,
+    /// Human-readable cause chain, already flattened by the agent.
+    pub message: String,
+}
+
+impl AgentError {
+    /// Builds an error of `kind` with `message`.
+    pub fn new(kind: AgentErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// Classes of agent failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentErrorKind {
+    /// The request was malformed or had an invalid argument.
+    InvalidArgument,
+    /// The request named something that does not exist.
+    NotFound,
+    /// The request conflicts with the current state.
+    Conflict,
+    /// The handshake has not happened, or the versions do not overlap.
+    Handshake,
+    /// This agent does not know the request (an older agent than the host).
+    Unsupported,
+    /// Something failed inside the guest.
+    Internal,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Cursor;
+
+    use super::*;
+    use crate::{read_frame, write_frame, PROTOCOL_VERSION};
+
+    fn round_trip<T>(value: &T) -> T
+    where
+        T: Serialize + serde::de::DeserializeOwned,
+    {
+        let mut bytes = Vec::new();
+        write_frame(&mut bytes, value).unwrap();
+        read_frame(&mut Cursor::new(bytes)).unwrap().unwrap()
+    }
+
+    fn sample_system_info() -> SystemInfo {
+        SystemInfo {
+            kernel_release: "6.12.117-berth".into(),
+            kernel_version: "#1 SMP".into(),
+            arch: "x86_64".into(),
+            mem_total_bytes: 512 << 20,
+            mem_available_bytes: 480 << 20,
+            cpus: 2,
+            uptime_secs: 1.25,
+            agent_version: "0.1.0".into(),
+            boot_id: "4f1c".into(),
+        }
+    }
+
+    #[test]
+    fn request_hello_round_trips() {
+        let request = RequestEnvelope {
+            id: 7,
+            request: Request::Hello(Hello {
+                min_version: 1,
+                max_version: PROTOCOL_VERSION,
+                host_time_unix_nanos: 1_700_000_000_123_456_789,
+            }),
+        };
+
+        assert_eq!(round_trip(&request), request);
+    }
+
+    #[test]
+    fn request_unit_variants_round_trip() {
+        for request in [Request::Ping, Request::SystemInfo, Request::Shutdown] {
+            let envelope = RequestEnvelope { id: 1, request };
+
+            assert_eq!(round_trip(&envelope), envelope);
+        }
+    }
+
+    #[test]
+    fn response_system_info_round_trips() {
+        let response = ResponseEnvelope {
+            id: 2,
+            result: Ok(Response::SystemInfo(sample_system_info())),
+        };
+
+        assert_eq!(round_trip(&response), response);
+    }
+
+    #[test]
+    fn response_error_round_trips() {
+        let response = ResponseEnvelope {
+            id: 3,
+            result: Err(AgentError::new(
+                AgentErrorKind::NotFound,
+                "no such container",
+            )),
+        };
+
+        assert_eq!(round_trip(&response), response);
+    }
+
+    #[test]
+    fn request_unknown_type_fails_to_decode() {
+        // What an agent sees when a newer host sends a request it does not know.
+        let json = br#"{"id":1,"request":{"type":"Teleport"}}"#;
+
+        let decoded = serde_json::from_slice::<RequestEnvelope>(json);
+
+        assert!(decoded.is_err());
+    }
+}

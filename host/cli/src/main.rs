@@ -1,0 +1,2 @@
+//! berth: the Berth command-line tool.
+fn main() {}

@@ -1,0 +1,1 @@
+//! Docker-shaped logic of Berth, with no HTTP and no KVM.

@@ -1,0 +1,1 @@
+//! Fixtures shared by Berth's end-to-end scenarios.
