@@ -1,1 +1,11 @@
-//! Docker-shaped logic of Berth, with no HTTP and no KVM.
+//! Docker-shaped logic of Berth, with no HTTP and no KVM: the VM lifecycle and its backends,
+//! and the client for the guest agent.
+
+pub mod agent_client;
+pub mod assets;
+pub mod host;
+pub mod vm;
+
+pub use agent_client::{AgentClient, AgentClientError};
+pub use agent_protocol::SystemInfo;
+pub use vm::{select_backend, StopOutcome, Vm, VmBackend, VmConfig, VmError};

@@ -1,0 +1,619 @@
+//! The guest VM's lifecycle, independent of which backend runs it.
+//!
+//! A backend ([`VmBackend`]) only knows how to launch the processes that make up a VM (QEMU and
+//! its vhost-user vsock device, or one `berth-vmm`). Everything after that is common and lives
+//! in [`Vm`]: waiting for the agent's handshake over the hybrid vsock socket while watching the
+//! processes, diagnosing a guest that died during boot from its console log, clean shutdown
+//! through the agent with a kill on timeout, and the on-disk state that lets another process
+//! (a later `berth vm status`) find a running VM.
+
+mod console;
+mod process;
+pub mod qemu;
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tracing::{debug, info, warn};
+
+pub use console::diagnose_console;
+pub use process::VmProcess;
+
+use crate::agent_client::{AgentClient, AgentClientError};
+use crate::host::{probe_kvm, KvmSupport};
+
+/// File names inside a VM's state directory.
+const STATE_FILE: &str = "state.json";
+const VSOCK_SOCKET: &str = "vsock.sock";
+const CONSOLE_LOG: &str = "console.log";
+
+/// How often boot progress is polled: short against a ~1 s TCG boot, long enough not to spin.
+const BOOT_POLL: Duration = Duration::from_millis(20);
+
+/// Lines of console shown when a boot fails without a recognisable cause.
+const CONSOLE_TAIL_LINES: usize = 15;
+
+/// Why a VM operation failed.
+#[derive(Debug, Error)]
+pub enum VmError {
+    #[error("{what} not found at {path} ({hint})")]
+    MissingAsset {
+        what: &'static str,
+        path: PathBuf,
+        hint: &'static str,
+    },
+    #[error("{path} is not an initramfs: it does not start with a newc cpio header")]
+    NotInitramfs { path: PathBuf },
+    #[error("cannot read {path}")]
+    ReadAsset {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot prepare the VM state directory {path}")]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot start {program} ({hint})")]
+    Spawn {
+        program: String,
+        hint: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{program} exited before it was ready ({status}); see {log}")]
+    HelperFailed {
+        program: String,
+        status: String,
+        log: PathBuf,
+    },
+    #[error("{program} did not create {path} within {secs} s")]
+    HelperTimeout {
+        program: String,
+        path: PathBuf,
+        secs: u64,
+    },
+    #[error("the VM exited during boot: {process} {status}; {diagnosis}")]
+    ExitedDuringBoot {
+        process: String,
+        status: String,
+        diagnosis: String,
+    },
+    #[error("the guest agent did not answer within {secs} s; {diagnosis}")]
+    BootTimeout { secs: u64, diagnosis: String },
+    #[error("no VM is running (nothing recorded in {0})")]
+    NotRunning(PathBuf),
+    #[error("the VM state in {path} is unreadable")]
+    BadState {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("cannot talk to the guest agent")]
+    Agent(#[source] AgentClientError),
+}
+
+/// Which VM backend runs the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// `qemu-system-x86_64 -M microvm` with `vhost-device-vsock`.
+    Qemu,
+}
+
+impl std::fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Qemu => f.write_str("qemu"),
+        }
+    }
+}
+
+/// Everything needed to boot one VM.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Uncompressed kernel with a PVH note (`vmlinux`).
+    pub kernel: PathBuf,
+    /// The guest initramfs (agent as `/init`).
+    pub initramfs: PathBuf,
+    /// Guest memory in MiB.
+    pub memory_mib: u32,
+    /// Guest vCPUs.
+    pub vcpus: u32,
+    /// Directory for the VM's sockets, console log and state file.
+    pub state_dir: PathBuf,
+    /// How long the agent may take to answer after launch.
+    pub boot_timeout: Duration,
+    /// Extra kernel command-line words, appended after Berth's own.
+    pub extra_cmdline: Vec<String>,
+}
+
+impl VmConfig {
+    /// The kernel command line. `reboot=t` makes a guest reboot (which is how the agent powers
+    /// off) a triple fault, which every VMM can turn into an exit; `panic=-1` turns a panic into
+    /// that same reboot instead of a hang.
+    pub fn cmdline(&self) -> String {
+        let mut words = vec!["console=ttyS0", "reboot=t", "panic=-1", "quiet"];
+        words.extend(self.extra_cmdline.iter().map(String::as_str));
+        words.join(" ")
+    }
+
+    /// The hybrid vsock unix socket: connect here to reach guest ports.
+    pub fn vsock_socket(&self) -> PathBuf {
+        self.state_dir.join(VSOCK_SOCKET)
+    }
+
+    /// The guest's serial console, as a file the user can read.
+    pub fn console_log(&self) -> PathBuf {
+        self.state_dir.join(CONSOLE_LOG)
+    }
+
+    /// Checks the kernel and initramfs before anything is started, so a missing or wrong file
+    /// is named instead of surfacing as a guest panic.
+    pub fn check_assets(&self) -> Result<(), VmError> {
+        const HINT: &str = "build it with kernel-config/build.sh and vm-image/build.sh, or set \
+                            BERTH_KERNEL / BERTH_INITRAMFS";
+        for (what, path) in [("kernel", &self.kernel), ("initramfs", &self.initramfs)] {
+            if !path.is_file() {
+                return Err(VmError::MissingAsset {
+                    what,
+                    path: path.clone(),
+                    hint: HINT,
+                });
+            }
+        }
+        let mut magic = [0u8; 6];
+        let read = fs::File::open(&self.initramfs)
+            .and_then(|mut f| io::Read::read_exact(&mut f, &mut magic));
+        match read {
+            Ok(()) if &magic == b"070701" => Ok(()),
+            Ok(()) => Err(VmError::NotInitramfs {
+                path: self.initramfs.clone(),
+            }),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(VmError::NotInitramfs {
+                path: self.initramfs.clone(),
+            }),
+            Err(source) => Err(VmError::ReadAsset {
+                path: self.initramfs.clone(),
+                source,
+            }),
+        }
+    }
+}
+
+/// Launches the processes that make up a VM. Everything after launch is common ([`Vm`]).
+pub trait VmBackend {
+    /// Which backend this is.
+    fn kind(&self) -> BackendKind;
+
+    /// One line for the log describing how the VM will run (accelerator and so on).
+    fn describe(&self) -> String;
+
+    /// Starts the VM's processes, the VM itself first. Returns once they run; does not wait for
+    /// the guest. On error, everything already started has been stopped.
+    fn launch(&self, config: &VmConfig) -> Result<Vec<VmProcess>, VmError>;
+}
+
+/// The backend chosen for this host, with the reason in words.
+#[derive(Debug)]
+pub struct BackendChoice {
+    /// The chosen backend.
+    pub backend: qemu::QemuBackend,
+    /// Why, for the log.
+    pub reason: String,
+}
+
+/// Picks the backend and accelerator for this host and says why.
+///
+/// Only the `qemu` backend exists so far; it uses KVM where hardware KVM boots a stock kernel
+/// and TCG elsewhere (including PVM-only hosts).
+pub fn select_backend() -> BackendChoice {
+    let kvm = probe_kvm();
+    let accel = match kvm {
+        KvmSupport::Hardware => qemu::Accel::Kvm,
+        KvmSupport::PvmOnly | KvmSupport::Unavailable(_) => qemu::Accel::Tcg,
+    };
+    let backend = qemu::QemuBackend::new(accel);
+    let reason = format!("{}; using {}", kvm.explain(), backend.describe());
+    BackendChoice { backend, reason }
+}
+
+/// What is recorded on disk about a running VM, so other processes can find it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct VmState {
+    backend: BackendKind,
+    /// (role, pid), the VM process first.
+    processes: Vec<(String, i32)>,
+}
+
+/// How a stop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopOutcome {
+    /// The agent powered the guest off and the VM process exited by itself.
+    Clean,
+    /// The VM had to be killed (agent unreachable or too slow).
+    Killed,
+}
+
+/// A launched VM: its processes and where to reach it.
+#[derive(Debug)]
+pub struct Vm {
+    backend: BackendKind,
+    state_dir: PathBuf,
+    processes: Vec<VmProcess>,
+}
+
+impl Vm {
+    /// Boots a VM and waits for its agent's handshake.
+    ///
+    /// On any failure every process of the VM is stopped before the error is returned, and the
+    /// error names the cause (from the console log when the guest died).
+    pub fn start(
+        backend: &dyn VmBackend,
+        config: &VmConfig,
+    ) -> Result<(Self, AgentClient), VmError> {
+        config.check_assets()?;
+        prepare_state_dir(config)?;
+        let started = Instant::now();
+        let processes = backend.launch(config)?;
+        let mut vm = Self {
+            backend: backend.kind(),
+            state_dir: config.state_dir.clone(),
+            processes,
+        };
+        if let Err(e) = vm.write_state() {
+            vm.kill_all();
+            return Err(e);
+        }
+        match vm.wait_for_agent(config, started) {
+            Ok(client) => {
+                info!(
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "guest agent answered"
+                );
+                Ok((vm, client))
+            }
+            Err(e) => {
+                vm.kill_all();
+                vm.forget();
+                Err(e)
+            }
+        }
+    }
+
+    /// Finds the VM recorded in `state_dir` by an earlier `start`, possibly of another process.
+    pub fn attach(state_dir: &Path) -> Result<Self, VmError> {
+        let path = state_dir.join(STATE_FILE);
+        let text = match fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(VmError::NotRunning(state_dir.to_path_buf()))
+            }
+            Err(source) => {
+                return Err(VmError::StateDir {
+                    path: path.clone(),
+                    source,
+                })
+            }
+        };
+        let state: VmState =
+            serde_json::from_str(&text).map_err(|source| VmError::BadState { path, source })?;
+        let marker = state_dir.to_string_lossy().into_owned();
+        let processes = state
+            .processes
+            .into_iter()
+            .map(|(role, pid)| VmProcess::adopt(role, pid, marker.clone()))
+            .collect();
+        Ok(Self {
+            backend: state.backend,
+            state_dir: state_dir.to_path_buf(),
+            processes,
+        })
+    }
+
+    /// The backend running this VM.
+    pub fn backend(&self) -> BackendKind {
+        self.backend
+    }
+
+    /// The VM's processes, the VM itself first.
+    pub fn processes(&self) -> &[VmProcess] {
+        &self.processes
+    }
+
+    /// Whether the VM process still runs.
+    pub fn is_running(&mut self) -> bool {
+        self.processes
+            .first_mut()
+            .is_some_and(|p| p.exit_status().is_none())
+    }
+
+    /// Opens a new handshaken control connection to the agent.
+    pub fn agent(&self, timeout: Duration) -> Result<AgentClient, VmError> {
+        AgentClient::connect(&self.state_dir.join(VSOCK_SOCKET), timeout).map_err(VmError::Agent)
+    }
+
+    /// Shuts the guest down through the agent, waiting up to `timeout` for the VM process to
+    /// exit, then kills whatever is left. All processes are gone when this returns.
+    pub fn stop(mut self, timeout: Duration) -> StopOutcome {
+        let asked = self
+            .agent(timeout.min(Duration::from_secs(5)))
+            .and_then(|mut agent| agent.shutdown().map_err(VmError::Agent));
+        let outcome = match asked {
+            Ok(()) if self.wait_vm_exit(timeout) => StopOutcome::Clean,
+            Ok(()) => {
+                warn!(
+                    secs = timeout.as_secs(),
+                    "guest did not power off in time; killing it"
+                );
+                StopOutcome::Killed
+            }
+            Err(e) => {
+                warn!(error = %error_chain(&e), "cannot ask the agent to shut down; killing the VM");
+                StopOutcome::Killed
+            }
+        };
+        self.kill_all();
+        self.forget();
+        outcome
+    }
+
+    /// Kills every process of the VM at once (SIGKILL) and reaps them.
+    pub fn kill(mut self) {
+        self.kill_all();
+        self.forget();
+    }
+
+    fn wait_vm_exit(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if !self.is_running() {
+                return true;
+            }
+            thread::sleep(BOOT_POLL);
+        }
+        false
+    }
+
+    fn wait_for_agent(
+        &mut self,
+        config: &VmConfig,
+        started: Instant,
+    ) -> Result<AgentClient, VmError> {
+        let deadline = started + config.boot_timeout;
+        let socket = config.vsock_socket();
+        loop {
+            if let Some((role, status)) = self.first_exited() {
+                let console = fs::read_to_string(config.console_log()).unwrap_or_default();
+                return Err(VmError::ExitedDuringBoot {
+                    process: role,
+                    status,
+                    diagnosis: diagnose_or_tail(&console, &config.console_log()),
+                });
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                let console = fs::read_to_string(config.console_log()).unwrap_or_default();
+                return Err(VmError::BootTimeout {
+                    secs: config.boot_timeout.as_secs(),
+                    diagnosis: diagnose_or_tail(&console, &config.console_log()),
+                });
+            }
+            match AgentClient::connect(&socket, remaining.min(Duration::from_secs(5))) {
+                Ok(client) => return Ok(client),
+                // Not up yet: the device socket is not there, or nothing listens on the port.
+                Err(AgentClientError::Connect { .. } | AgentClientError::PortRefused { .. }) => {}
+                Err(AgentClientError::Io(e)) if is_transient(&e) => {}
+                Err(e) => return Err(VmError::Agent(e)),
+            }
+            thread::sleep(BOOT_POLL);
+        }
+    }
+
+    fn first_exited(&mut self) -> Option<(String, String)> {
+        self.processes
+            .iter_mut()
+            .find_map(|p| p.exit_status().map(|status| (p.role().to_string(), status)))
+    }
+
+    fn kill_all(&mut self) {
+        for process in &mut self.processes {
+            process.kill_and_reap();
+        }
+    }
+
+    /// Removes the state file and sockets; keeps the console log for `berth vm logs`.
+    fn forget(&self) {
+        for name in [STATE_FILE, VSOCK_SOCKET] {
+            let path = self.state_dir.join(name);
+            if let Err(e) = fs::remove_file(&path) {
+                if e.kind() != io::ErrorKind::NotFound {
+                    debug!(path = %path.display(), error = %e, "cannot remove");
+                }
+            }
+        }
+        qemu::forget_files(&self.state_dir);
+    }
+
+    fn write_state(&self) -> Result<(), VmError> {
+        let state = VmState {
+            backend: self.backend,
+            processes: self
+                .processes
+                .iter()
+                .map(|p| (p.role().to_string(), p.pid()))
+                .collect(),
+        };
+        let path = self.state_dir.join(STATE_FILE);
+        let tmp = path.with_extension("tmp");
+        let text = serde_json::to_string_pretty(&state).map_err(|source| VmError::BadState {
+            path: path.clone(),
+            source,
+        })?;
+        fs::write(&tmp, text)
+            .and_then(|()| fs::rename(&tmp, &path))
+            .map_err(|source| VmError::StateDir { path, source })
+    }
+}
+
+fn prepare_state_dir(config: &VmConfig) -> Result<(), VmError> {
+    let dir = &config.state_dir;
+    let state_err = |source| VmError::StateDir {
+        path: dir.clone(),
+        source,
+    };
+    fs::create_dir_all(dir).map_err(state_err)?;
+    if dir.join(STATE_FILE).exists() {
+        // Another VM may be running from this directory: two VMs must not share sockets.
+        if let Ok(mut running) = Vm::attach(dir) {
+            if running.is_running() {
+                return Err(state_err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    "a VM is already running from this directory (stop it first)",
+                )));
+            }
+        }
+    }
+    for name in [STATE_FILE, VSOCK_SOCKET] {
+        match fs::remove_file(dir.join(name)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(state_err(e)),
+        }
+    }
+    qemu::forget_files(dir);
+    // A fresh console log per boot; the previous one is kept beside it for post-mortems.
+    let console = config.console_log();
+    if console.exists() {
+        fs::rename(&console, console.with_extension("log.previous")).map_err(state_err)?;
+    }
+    Ok(())
+}
+
+fn is_transient(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock
+            | io::ErrorKind::TimedOut
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::UnexpectedEof
+    )
+}
+
+/// The cause found in the console, or its last lines when none is recognisable.
+fn diagnose_or_tail(console: &str, path: &Path) -> String {
+    if let Some(cause) = diagnose_console(console) {
+        return cause;
+    }
+    let lines: Vec<&str> = console.lines().collect();
+    let tail = lines[lines.len().saturating_sub(CONSOLE_TAIL_LINES)..].join("\n  ");
+    if tail.is_empty() {
+        format!("the guest console ({}) is empty", path.display())
+    } else {
+        format!("last console lines ({}):\n  {tail}", path.display())
+    }
+}
+
+/// Formats an error with its whole source chain on one line.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(dir: &Path) -> VmConfig {
+        VmConfig {
+            kernel: dir.join("vmlinux"),
+            initramfs: dir.join("initramfs.cpio"),
+            memory_mib: 256,
+            vcpus: 1,
+            state_dir: dir.join("state"),
+            boot_timeout: Duration::from_secs(1),
+            extra_cmdline: vec!["berth.debug".into()],
+        }
+    }
+
+    #[test]
+    fn check_assets_missing_kernel_names_kernel_and_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path());
+
+        let err = config.check_assets().unwrap_err();
+
+        assert!(matches!(&err, VmError::MissingAsset { what: "kernel", .. }));
+        assert!(err.to_string().contains("vmlinux"));
+    }
+
+    #[test]
+    fn check_assets_initramfs_without_cpio_magic_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path());
+        fs::write(&config.kernel, b"kernel").unwrap();
+        fs::write(&config.initramfs, b"\x1f\x8bgzip-or-garbage").unwrap();
+
+        let err = config.check_assets().unwrap_err();
+
+        assert!(matches!(err, VmError::NotInitramfs { .. }));
+    }
+
+    #[test]
+    fn check_assets_empty_initramfs_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path());
+        fs::write(&config.kernel, b"kernel").unwrap();
+        fs::write(&config.initramfs, b"").unwrap();
+
+        let err = config.check_assets().unwrap_err();
+
+        assert!(matches!(err, VmError::NotInitramfs { .. }));
+    }
+
+    #[test]
+    fn cmdline_appends_extra_words_after_ours() {
+        let dir = tempfile::tempdir().unwrap();
+
+        let cmdline = config(dir.path()).cmdline();
+
+        assert!(cmdline.starts_with("console=ttyS0 reboot=t panic=-1"));
+        assert!(cmdline.ends_with(" berth.debug"));
+    }
+
+    #[test]
+    fn attach_without_state_is_not_running() {
+        let dir = tempfile::tempdir().unwrap();
+
+        let err = Vm::attach(dir.path()).unwrap_err();
+
+        assert!(matches!(err, VmError::NotRunning(_)));
+    }
+
+    #[test]
+    fn diagnose_or_tail_without_cause_shows_last_lines() {
+        let console = (0..30)
+            .map(|i| format!("line {i}"))
+            .collect::<Vec<_>>()
+            .join("\n");
+
+        let text = diagnose_or_tail(&console, Path::new("/x/console.log"));
+
+        assert!(text.contains("line 29"));
+        assert!(!text.contains("line 14\n"));
+    }
+}

@@ -1,0 +1,325 @@
+//! The `qemu` backend: `qemu-system-x86_64 -M microvm` plus `vhost-device-vsock`.
+//!
+//! This is the fallback where our own VMM cannot run: no `/dev/kvm`, or a PVM-only one. The
+//! guest sees the same virtio-mmio devices as under `berth-vmm`, and the host side of its vsock
+//! is the same hybrid-vsock unix socket (served by `vhost-device-vsock`, a vhost-user backend),
+//! so nothing above [`super::VmBackend`] knows which backend runs.
+//!
+//! `microvm` with `acpi=off` matters: with ACPI on, QEMU describes virtio-mmio devices only in
+//! ACPI tables, which our kernel does not parse; with it off, QEMU appends
+//! `virtio_mmio.device=…` to the command line. vhost-user needs guest memory in a shared memfd.
+
+use std::ffi::OsString;
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use super::process::VmProcess;
+use super::{BackendKind, VmBackend, VmConfig, VmError};
+
+/// The vhost-user control socket QEMU connects to.
+const VHOST_SOCKET: &str = "vhost-vsock.sock";
+/// Where QEMU's and the vsock device's own messages go (not the guest console).
+const QEMU_LOG: &str = "qemu.log";
+const VHOST_LOG: &str = "vhost-device-vsock.log";
+
+/// How long `vhost-device-vsock` may take to create its socket.
+const HELPER_READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The accelerator QEMU runs the guest with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// Hardware KVM.
+    Kvm,
+    /// Software emulation (TCG).
+    Tcg,
+}
+
+/// Launches VMs with QEMU.
+#[derive(Debug, Clone)]
+pub struct QemuBackend {
+    accel: Accel,
+    qemu: PathBuf,
+    vhost_vsock: PathBuf,
+}
+
+impl QemuBackend {
+    /// A backend using `accel`, finding the programs on `PATH` (or `BERTH_QEMU` /
+    /// `BERTH_VHOST_VSOCK`, or cargo's bin directory for `vhost-device-vsock`).
+    pub fn new(accel: Accel) -> Self {
+        Self {
+            accel,
+            qemu: find_program("qemu-system-x86_64", "BERTH_QEMU"),
+            vhost_vsock: find_program("vhost-device-vsock", "BERTH_VHOST_VSOCK"),
+        }
+    }
+
+    /// The accelerator in use.
+    pub fn accel(&self) -> Accel {
+        self.accel
+    }
+
+    /// The QEMU executable this backend runs.
+    pub fn qemu_program(&self) -> &Path {
+        &self.qemu
+    }
+
+    fn spawn_vhost_vsock(&self, config: &VmConfig) -> Result<VmProcess, VmError> {
+        let socket = config.state_dir.join(VHOST_SOCKET);
+        let mut command = Command::new(&self.vhost_vsock);
+        command
+            .arg("--guest-cid")
+            .arg(agent_protocol::GUEST_CID.to_string())
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--uds-path")
+            .arg(config.vsock_socket());
+        let child = spawn_detached(
+            &mut command,
+            &config.state_dir.join(VHOST_LOG),
+            "install it with `cargo install vhost-device-vsock` or set BERTH_VHOST_VSOCK",
+        )?;
+        let mut process = VmProcess::spawned(
+            "vhost-device-vsock",
+            child,
+            config.state_dir.to_string_lossy(),
+        );
+        // QEMU connects to the socket as a client at start, so it must exist first.
+        let deadline = Instant::now() + HELPER_READY_TIMEOUT;
+        while !socket.exists() {
+            if let Some(status) = process.exit_status() {
+                return Err(VmError::HelperFailed {
+                    program: "vhost-device-vsock".into(),
+                    status,
+                    log: config.state_dir.join(VHOST_LOG),
+                });
+            }
+            if Instant::now() > deadline {
+                process.kill_and_reap();
+                return Err(VmError::HelperTimeout {
+                    program: "vhost-device-vsock".into(),
+                    path: socket,
+                    secs: HELPER_READY_TIMEOUT.as_secs(),
+                });
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        Ok(process)
+    }
+}
+
+impl VmBackend for QemuBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Qemu
+    }
+
+    fn describe(&self) -> String {
+        match self.accel {
+            Accel::Kvm => "the qemu backend with KVM".into(),
+            Accel::Tcg => "the qemu backend with TCG (software emulation; slow)".into(),
+        }
+    }
+
+    fn launch(&self, config: &VmConfig) -> Result<Vec<VmProcess>, VmError> {
+        let mut vhost = self.spawn_vhost_vsock(config)?;
+        let mut command = Command::new(&self.qemu);
+        command.args(qemu_args(
+            config,
+            self.accel,
+            Some(&config.state_dir.join(VHOST_SOCKET)),
+        ));
+        let qemu = match spawn_detached(
+            &mut command,
+            &config.state_dir.join(QEMU_LOG),
+            "install the qemu-system-x86 package or set BERTH_QEMU",
+        ) {
+            Ok(child) => VmProcess::spawned("qemu", child, config.state_dir.to_string_lossy()),
+            Err(e) => {
+                vhost.kill_and_reap();
+                return Err(e);
+            }
+        };
+        Ok(vec![qemu, vhost])
+    }
+}
+
+/// QEMU's arguments for `config`. Pure, so the command line is unit-tested.
+///
+/// Without `vhost_socket` the guest gets no vsock device: that is the anchor configuration the
+/// boot benchmark compares against (same machine, same kernel, a trivial init).
+pub fn qemu_args(config: &VmConfig, accel: Accel, vhost_socket: Option<&Path>) -> Vec<OsString> {
+    let memory = format!("{}M", config.memory_mib);
+    let mut args: Vec<OsString> = Vec::new();
+    let mut push = |words: &[&str]| args.extend(words.iter().map(OsString::from));
+    push(&["-name", "berth"]);
+    push(&["-M", "microvm,acpi=off,memory-backend=mem"]);
+    match accel {
+        Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
+        Accel::Tcg => push(&["-accel", "tcg", "-cpu", "max"]),
+    }
+    push(&["-m", &memory, "-smp", &config.vcpus.to_string()]);
+    push(&[
+        "-object",
+        &format!("memory-backend-memfd,id=mem,size={memory},share=on"),
+    ]);
+    // No default devices, no monitor, no display: only what the guest is given below.
+    push(&["-nodefaults", "-no-user-config", "-display", "none"]);
+    // A guest reboot (how the agent powers off, and what panic=-1 does) ends QEMU.
+    push(&["-no-reboot"]);
+    push(&["-device", "virtio-rng-device"]);
+    if let Some(vhost_socket) = vhost_socket {
+        let mut chardev = OsString::from("socket,id=vsock0,path=");
+        chardev.push(vhost_socket);
+        args.extend([OsString::from("-chardev"), chardev]);
+        args.extend(["-device", "vhost-user-vsock-device,chardev=vsock0"].map(OsString::from));
+    }
+    args.push("-serial".into());
+    let mut serial = OsString::from("file:");
+    serial.push(config.console_log());
+    args.push(serial);
+    args.push("-kernel".into());
+    args.push(config.kernel.clone().into());
+    args.push("-initrd".into());
+    args.push(config.initramfs.clone().into());
+    args.push("-append".into());
+    args.push(config.cmdline().into());
+    args
+}
+
+/// Spawns a VM process in its own process group (so a Ctrl-C aimed at the CLI that started it
+/// does not reach it), with stdout and stderr going to `log`.
+fn spawn_detached(
+    command: &mut Command,
+    log: &Path,
+    hint: &str,
+) -> Result<std::process::Child, VmError> {
+    let program = command.get_program().to_string_lossy().into_owned();
+    let spawn_err = |source: io::Error| VmError::Spawn {
+        program: program.clone(),
+        hint: if source.kind() == io::ErrorKind::NotFound {
+            hint.to_string()
+        } else {
+            format!("see {}", log.display())
+        },
+        source,
+    };
+    let out = File::create(log).map_err(spawn_err)?;
+    let err = out.try_clone().map_err(spawn_err)?;
+    command
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .process_group(0)
+        .spawn()
+        .map_err(spawn_err)
+}
+
+/// Removes this backend's sockets from a state directory.
+pub(super) fn forget_files(state_dir: &Path) {
+    match fs::remove_file(state_dir.join(VHOST_SOCKET)) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => tracing::debug!(error = %e, "cannot remove the vhost-user socket"),
+    }
+}
+
+/// Finds `name`: the `env` override, then `PATH`, then cargo's bin directory (where
+/// `cargo install` puts `vhost-device-vsock`). Falls back to the bare name so the spawn error
+/// names the program.
+fn find_program(name: &str, env: &str) -> PathBuf {
+    if let Some(path) = std::env::var_os(env) {
+        return PathBuf::from(path);
+    }
+    let path_dirs = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default();
+    let cargo_bin = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .map(|c| c.join("bin"));
+    path_dirs
+        .into_iter()
+        .chain(cargo_bin)
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> VmConfig {
+        VmConfig {
+            kernel: "/assets/vmlinux".into(),
+            initramfs: "/assets/initramfs.cpio".into(),
+            memory_mib: 512,
+            vcpus: 2,
+            state_dir: "/run/berth/vm".into(),
+            boot_timeout: Duration::from_secs(30),
+            extra_cmdline: Vec::new(),
+        }
+    }
+
+    fn joined(accel: Accel) -> String {
+        qemu_args(
+            &config(),
+            accel,
+            Some(Path::new("/run/berth/vm/vhost-vsock.sock")),
+        )
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+    }
+
+    #[test]
+    fn qemu_args_tcg_uses_microvm_without_acpi_and_cpu_max() {
+        let args = joined(Accel::Tcg);
+
+        assert!(args.contains("-M microvm,acpi=off,memory-backend=mem"));
+        assert!(args.contains("-accel tcg -cpu max"));
+    }
+
+    #[test]
+    fn qemu_args_kvm_uses_host_cpu() {
+        assert!(joined(Accel::Kvm).contains("-accel kvm -cpu host"));
+    }
+
+    #[test]
+    fn qemu_args_memory_is_shared_memfd_of_guest_size() {
+        let args = joined(Accel::Tcg);
+
+        assert!(args.contains("-m 512M -smp 2"));
+        assert!(args.contains("memory-backend-memfd,id=mem,size=512M,share=on"));
+    }
+
+    #[test]
+    fn qemu_args_wire_vsock_console_and_reboot_exit() {
+        let args = joined(Accel::Tcg);
+
+        assert!(args.contains("-chardev socket,id=vsock0,path=/run/berth/vm/vhost-vsock.sock"));
+        assert!(args.contains("-device vhost-user-vsock-device,chardev=vsock0"));
+        assert!(args.contains("-serial file:/run/berth/vm/console.log"));
+        assert!(args.contains("-no-reboot"));
+    }
+
+    #[test]
+    fn qemu_args_without_vhost_socket_has_no_vsock_device() {
+        let args = qemu_args(&config(), Accel::Tcg, None);
+
+        assert!(!args.iter().any(|a| a.to_string_lossy().contains("vsock")));
+    }
+
+    #[test]
+    fn qemu_args_kernel_cmdline_is_last() {
+        let args = qemu_args(&config(), Accel::Tcg, Some(Path::new("/x")));
+
+        assert_eq!(args[args.len() - 2], "-append");
+        assert_eq!(args[args.len() - 1], config().cmdline().as_str());
+    }
+}
