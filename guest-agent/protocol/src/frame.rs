@@ -125,6 +125,17 @@ pub fn write_frame<W: Write, T: Serialize>(writer: &mut W, message: &T) -> Resul
 ///
 /// Returns `Ok(None)` when the peer closed the connection cleanly between frames.
 pub fn read_frame<R: Read, T: DeserializeOwned>(reader: &mut R) -> Result<Option<T>, FrameError> {
+    read_frame_payload(reader)?
+        .map(|payload| serde_json::from_slice(&payload).map_err(FrameError::Payload))
+        .transpose()
+}
+
+/// Reads one frame and returns its payload undecoded (the header is validated as in
+/// [`read_frame`]).
+///
+/// For a reader that decodes in steps: the agent answers a request it cannot decode with that
+/// request's own id, and keeps the connection, since the framing is intact.
+pub fn read_frame_payload<R: Read>(reader: &mut R) -> Result<Option<Vec<u8>>, FrameError> {
     let mut header = [0u8; FRAME_HEADER_LEN];
     if !read_exact_or_eof(reader, &mut header)? {
         return Ok(None);
@@ -134,9 +145,7 @@ pub fn read_frame<R: Read, T: DeserializeOwned>(reader: &mut R) -> Result<Option
     if !read_exact_or_eof(reader, &mut payload)? && !payload.is_empty() {
         return Err(FrameError::Truncated);
     }
-    serde_json::from_slice(&payload)
-        .map(Some)
-        .map_err(FrameError::Payload)
+    Ok(Some(payload))
 }
 
 /// Fills `buf`, returning `Ok(false)` if the stream ended before the first byte and an error if
@@ -249,6 +258,22 @@ mod tests {
         let err = read_frame::<_, RequestEnvelope>(&mut Cursor::new(bytes)).unwrap_err();
 
         assert!(matches!(err, FrameError::Payload(_)));
+    }
+
+    #[test]
+    fn read_frame_payload_returns_payload_undecoded() {
+        let payload = br#"{"id":1,"request":{"type":"Teleport"}}"#;
+        let mut bytes = FrameHeader {
+            version: PROTOCOL_VERSION,
+            len: payload.len() as u32,
+        }
+        .encode()
+        .to_vec();
+        bytes.extend_from_slice(payload);
+
+        let got = read_frame_payload(&mut Cursor::new(bytes)).unwrap();
+
+        assert_eq!(got.as_deref(), Some(&payload[..]));
     }
 
     #[test]

@@ -14,7 +14,8 @@ pub mod frame;
 pub mod messages;
 
 pub use frame::{
-    read_frame, write_frame, FrameError, FRAME_HEADER_LEN, FRAME_MAGIC, MAX_FRAME_LEN,
+    read_frame, read_frame_payload, write_frame, FrameError, FRAME_HEADER_LEN, FRAME_MAGIC,
+    MAX_FRAME_LEN,
 };
 pub use messages::*;
 

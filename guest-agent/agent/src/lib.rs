@@ -1,0 +1,143 @@
+//! `berth-agent`: PID 1 of the Berth guest.
+//!
+//! In the guest the agent is the whole userspace: the initramfs holds it as `/init` and nothing
+//! else. It mounts the basic filesystems ([`init`]), seeds the entropy pool ([`entropy`]), reaps
+//! every orphan ([`reaper`]) and serves the host's control protocol over vsock ([`server`],
+//! [`session`], [`handlers`]) until the host asks it to power off ([`power`]).
+//!
+//! Outside the guest (`--listen-unix <path>`, DESIGN.md tier 1) the same server runs on a unix
+//! socket so host tests can drive the real agent over the real protocol; everything that would
+//! change the host (mounts, hostname, clock, reboot) is skipped in that mode.
+//!
+//! The agent is threaded and synchronous: one thread accepts, one thread serves each connection,
+//! one thread reaps. PID 1 must never exit (the kernel panics), so every error is logged to the
+//! console and the agent carries on wherever it can.
+
+pub mod args;
+pub mod clock;
+pub mod entropy;
+pub mod handlers;
+pub mod init;
+pub mod log;
+pub mod power;
+pub mod reaper;
+pub mod server;
+pub mod session;
+pub mod sysinfo;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use agent_protocol::{CONTROL_PORT, PROTOCOL_VERSION};
+
+use crate::args::{Invocation, Listen};
+use crate::handlers::AgentContext;
+use crate::log::{console, Chain};
+use crate::reaper::Reaper;
+
+/// How the agent was started, which decides what it may touch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// PID 1 of the guest: owns the machine, sets it up, powers it off.
+    Pid1,
+    /// An ordinary process (tier-1 tests on the host): serves the protocol, touches nothing
+    /// system-wide, and exits when asked to shut down.
+    Native,
+}
+
+impl Mode {
+    /// The mode of the current process.
+    pub fn detect() -> Self {
+        if std::process::id() == 1 {
+            Self::Pid1
+        } else {
+            Self::Native
+        }
+    }
+}
+
+/// Runs the agent; returns only in native mode.
+pub fn run() -> ExitCode {
+    match Mode::detect() {
+        Mode::Pid1 => run_pid1(),
+        Mode::Native => run_native(),
+    }
+}
+
+/// PID 1: set the machine up, then serve vsock forever. Command-line arguments are ignored: the
+/// kernel hands init every unknown word of its command line, so they are not ours to parse.
+fn run_pid1() -> ! {
+    // Before any thread exists, so every thread inherits the mask (see `reaper`).
+    if let Err(e) = reaper::block_sigchld() {
+        console!(
+            "cannot block SIGCHLD, orphans may be reaped late: {}",
+            Chain(&e)
+        );
+    }
+    init::early_init();
+    entropy::spawn_seeder();
+    let _reaper = start_reaper(Mode::Pid1);
+    let context = Arc::new(AgentContext::new(Mode::Pid1));
+    let listen = Listen::Vsock { port: CONTROL_PORT };
+    let listener = server::bind_retrying(&listen);
+    console!("ready on vsock port {CONTROL_PORT} (protocol v{PROTOCOL_VERSION})");
+    server::accept_loop(listener, context)
+}
+
+/// Native mode: parse the arguments, then serve until a `Shutdown` request exits the process.
+fn run_native() -> ExitCode {
+    let invocation = match args::parse(std::env::args_os().skip(1)) {
+        Ok(invocation) => invocation,
+        Err(e) => {
+            console!("{}\n{}", Chain(&e), args::USAGE);
+            return ExitCode::from(2);
+        }
+    };
+    let listen = match invocation {
+        Invocation::Help => {
+            println!("{}", args::USAGE);
+            return ExitCode::SUCCESS;
+        }
+        Invocation::Version => {
+            println!("berth-agent {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        Invocation::Serve(listen) => listen,
+    };
+    if let Err(e) = reaper::block_sigchld() {
+        console!(
+            "cannot block SIGCHLD, orphans may be reaped late: {}",
+            Chain(&e)
+        );
+    }
+    let _reaper = start_reaper(Mode::Native);
+    let listener = match server::bind(&listen) {
+        Ok(listener) => listener,
+        Err(e) => {
+            console!("cannot listen: {}", Chain(&e));
+            return ExitCode::FAILURE;
+        }
+    };
+    console!("ready on {listen} (protocol v{PROTOCOL_VERSION})");
+    server::accept_loop(listener, Arc::new(AgentContext::new(Mode::Native)))
+}
+
+/// Starts the reaper. In native mode the agent makes itself a child subreaper first, so the
+/// orphans of what it spawns come back to it as they would to PID 1.
+fn start_reaper(mode: Mode) -> Option<Reaper> {
+    if mode == Mode::Native {
+        if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
+            console!("cannot become a child subreaper: {e}");
+        }
+    }
+    match Reaper::start() {
+        Ok(reaper) => Some(reaper),
+        Err(e) => {
+            console!(
+                "cannot start the reaper, zombies will pile up: {}",
+                Chain(&e)
+            );
+            None
+        }
+    }
+}
