@@ -18,7 +18,7 @@ cd "$repo"
 RUSTFLAGS="-C target-feature=+crt-static --remap-path-prefix=$repo=/berth --remap-path-prefix=$cargo_home=/cargo" \
   cargo build --quiet --release --locked -p berth-agent --target "$target"
 agent=$repo/target/$target/release/berth-agent
-if ! file "$agent" | grep -q 'statically linked'; then
+if ! file "$agent" | grep -Eq 'statically linked|static-pie linked'; then
   echo "vm-image: $agent is not statically linked" >&2
   exit 1
 fi

@@ -149,7 +149,10 @@ impl<W: Write> NewcWriter<'_, W> {
         } else {
             1
         };
-        self.header(&entry.path, [ino, mode, 0, 0, nlink, mtime, size, 0, 0, rdev.0, rdev.1])?;
+        self.header(
+            &entry.path,
+            [ino, mode, 0, 0, nlink, mtime, size, 0, 0, rdev.0, rdev.1],
+        )?;
         self.bytes(data)?;
         self.pad()
     }
@@ -268,10 +271,18 @@ mod tests {
 
     #[test]
     fn write_is_readable_by_gnu_cpio() {
-        if std::process::Command::new("cpio").arg("--version").output().is_err() {
+        if std::process::Command::new("cpio")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
             // GNU cpio is an independent reader; without it this cross-check has nothing to run.
             eprintln!("skipping: cpio is not installed");
-            assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "CI must have cpio");
+            assert_ne!(
+                std::env::var("CI").as_deref(),
+                Ok("true"),
+                "CI must have cpio"
+            );
             return;
         }
         let dir = tempfile::tempdir().unwrap();
@@ -287,6 +298,8 @@ mod tests {
         assert!(listing.status.success());
         let text = String::from_utf8_lossy(&listing.stdout);
         assert!(text.contains("init"), "{text}");
-        assert!(text.lines().any(|l| l.starts_with('c') && l.contains("dev/console")));
+        assert!(text
+            .lines()
+            .any(|l| l.starts_with('c') && l.contains("dev/console")));
     }
 }

@@ -49,7 +49,11 @@ fn main() -> anyhow::Result<()> {
             None => 0o755,
         };
         add_parents(&mut image, dest)?;
-        image.add(file_entry(source.as_ref(), dest.trim_start_matches('/'), perm)?)?;
+        image.add(file_entry(
+            source.as_ref(),
+            dest.trim_start_matches('/'),
+            perm,
+        )?)?;
     }
 
     let mut bytes = Vec::new();
