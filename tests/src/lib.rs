@@ -1,1 +1,115 @@
 //! Fixtures shared by Berth's end-to-end scenarios.
+//!
+//! Scenarios that need something this machine may lack (the built kernel, QEMU, root) ask a
+//! fixture first. The fixture says why it cannot run; a scenario then skips, except under CI
+//! (`CI=true`), where a tier that cannot run is a failure, never a silent skip.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use berth_engine::assets::Assets;
+use berth_engine::vm::qemu::QemuBackend;
+use berth_engine::{select_backend, VmConfig};
+
+/// VMs under TCG are CPU-bound and the machines have two cores: one VM at a time per test
+/// binary keeps boot times (and so timeouts) predictable.
+static VM_LOCK: Mutex<()> = Mutex::new(());
+
+/// Whether this run is CI, where skipping is failing.
+pub fn under_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// Reports that a scenario cannot run here: a failure under CI, a printed skip elsewhere.
+/// Returns so the caller can `return` after it.
+pub fn skip(reason: &str) {
+    assert!(!under_ci(), "CI=true and this test cannot run: {reason}");
+    eprintln!("SKIPPED: {reason}");
+}
+
+/// What a VM scenario needs: the built assets, the backend for this host, and a private
+/// state directory. Holding it serializes VM scenarios in one test binary.
+#[derive(Debug)]
+pub struct TestVm {
+    /// The kernel and initramfs under test.
+    pub assets: Assets,
+    /// The backend chosen for this host.
+    pub backend: QemuBackend,
+    /// Scratch space; the VM's state directory is inside it.
+    pub dir: tempfile::TempDir,
+    _lock: MutexGuard<'static, ()>,
+}
+
+impl TestVm {
+    /// The fixture, or why it cannot be had here.
+    pub fn new() -> Result<Self, String> {
+        let assets = Assets::in_dir(Self::assets_dir());
+        for path in [&assets.kernel, &assets.initramfs] {
+            if !path.is_file() {
+                return Err(format!(
+                    "{} is missing: run kernel-config/build.sh and vm-image/build.sh",
+                    path.display()
+                ));
+            }
+        }
+        let lock = VM_LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let backend = select_backend().backend;
+        let dir = tempfile::Builder::new()
+            .prefix("berth-test-vm-")
+            .tempdir()
+            .map_err(|e| format!("cannot create a temp dir: {e}"))?;
+        Ok(Self {
+            assets,
+            backend,
+            dir,
+            _lock: lock,
+        })
+    }
+
+    /// The assets directory the fixture uses, for child processes (`BERTH_ASSETS_DIR`).
+    /// `BERTH_ASSETS_DIR`, else `target/berth` in this workspace, where the build scripts
+    /// put the kernel and initramfs.
+    pub fn assets_dir() -> PathBuf {
+        std::env::var_os("BERTH_ASSETS_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/berth"))
+    }
+
+    /// A VM config for this fixture's assets and state directory.
+    pub fn config(&self) -> VmConfig {
+        VmConfig {
+            kernel: self.assets.kernel.clone(),
+            initramfs: self.assets.initramfs.clone(),
+            memory_mib: 512,
+            vcpus: 2,
+            state_dir: self.state_dir(),
+            boot_timeout: Duration::from_secs(120),
+            extra_cmdline: Vec::new(),
+        }
+    }
+
+    /// The VM's state directory.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("vm")
+    }
+}
+
+/// Pids of every process on the host whose command line mentions `marker`.
+pub fn processes_mentioning(marker: &Path) -> Vec<(u32, String)> {
+    let marker = marker.to_string_lossy();
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| *pid != std::process::id())
+        .filter_map(|pid| {
+            let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            cmdline.contains(marker.as_ref()).then_some((pid, cmdline))
+        })
+        .collect()
+}

@@ -27,7 +27,11 @@ pub struct Assets {
 impl Assets {
     /// Locates the assets as the module documentation describes.
     pub fn discover() -> Self {
-        let dir = assets_dir();
+        Self::in_dir(assets_dir())
+    }
+
+    /// The assets in `dir`, still honouring the single-file overrides.
+    pub fn in_dir(dir: PathBuf) -> Self {
         let kernel = std::env::var_os("BERTH_KERNEL")
             .map(PathBuf::from)
             .unwrap_or_else(|| dir.join(KERNEL_FILE));

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs what Berth needs to build and test on a fresh Debian 12 machine, and nothing twice:
+# Debian packages (QEMU, the kernel source and its build deps, busybox-static for test images)
+# and vhost-device-vsock from crates.io (the qemu backend's vsock device).
+set -euo pipefail
+
+packages=(
+  # The qemu backend and the boot benchmark's anchor.
+  qemu-system-x86
+  # Guest kernel source and build dependencies.
+  linux-source-6.12 flex bison bc libelf-dev libssl-dev cpio
+  # Build checks (static agent) and test images.
+  file busybox-static
+)
+vhost_vsock_version=0.3.0
+
+missing=()
+for package in "${packages[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'install ok installed'; then
+    missing+=("$package")
+  fi
+done
+if ((${#missing[@]})); then
+  echo "install-deps: installing ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+cargo_bin=${CARGO_HOME:-$HOME/.cargo}/bin
+if ! "$cargo_bin/vhost-device-vsock" --version 2>/dev/null | grep -q "$vhost_vsock_version"; then
+  echo "install-deps: cargo install vhost-device-vsock $vhost_vsock_version" >&2
+  cargo install --quiet --locked vhost-device-vsock --version "$vhost_vsock_version"
+fi

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# The KVM box: runs a command inside an L1 guest that has a real /dev/kvm.
+#
+# This machine's /dev/kvm is PVM and cannot boot a stock kernel (shared/ENVIRONMENT.md), so L1 is
+# our own guest kernel (it has CONFIG_KVM_AMD) under QEMU TCG with `-cpu max`, which exposes
+# nested SVM. L1 mounts the host's root read-only over virtio-9p, plus one read-write share for
+# results, and runs the command chrooted into the host root, so host binaries (dynamically
+# linked against glibc) run unchanged against L1's /dev/kvm.
+#
+# Usage: tests/kvm-box/run.sh [--out DIR] [--mem 2G] [--smp 2] -- COMMAND [ARGS...]
+#   DIR (default: a fresh temp dir) is writable inside the box at the same path.
+# Exit status: the command's, or 125 if the box itself failed to report one.
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+kernel=${BERTH_KVM_BOX_KERNEL:-$repo/target/berth/vmlinux}
+out=""
+mem=2G
+smp=2
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    --out) out=$2; shift 2 ;;
+    --mem) mem=$2; shift 2 ;;
+    --smp) smp=$2; shift 2 ;;
+    --) shift; break ;;
+    *) echo "kvm-box: unknown option $1" >&2; exit 2 ;;
+  esac
+done
+[[ $# -gt 0 ]] || { echo "usage: $0 [--out DIR] -- COMMAND [ARGS...]" >&2; exit 2; }
+[[ -f $kernel ]] || { echo "kvm-box: no kernel at $kernel (run kernel-config/build.sh)" >&2; exit 2; }
+busybox=$(command -v busybox || true)
+if [[ -z $busybox ]] || ! file -L "$busybox" | grep -q 'statically linked'; then
+  echo "kvm-box: needs a static busybox (apt-get install busybox-static)" >&2
+  exit 2
+fi
+
+work=$(mktemp -d /tmp/kvm-box.XXXXXX)
+trap 'rm -rf "$work"' EXIT
+out=${out:-$work/out}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+
+# The command, quoted, as a script inside the results share.
+{
+  printf '#!/bin/sh\ncd %q\n' "$PWD"
+  printf '%q ' "$@"
+  printf '\n'
+} >"$out/.kvm-box-cmd"
+
+mkdir -p "$work/root/bin" "$work/root/host"
+cp "$busybox" "$work/root/bin/busybox"
+cat >"$work/root/init" <<INIT
+#!/bin/busybox sh
+bb=/bin/busybox
+\$bb mkdir -p /proc /sys /dev
+\$bb mount -t proc proc /proc
+\$bb mount -t sysfs sys /sys
+\$bb mount -t devtmpfs dev /dev
+\$bb mount -t 9p -o trans=virtio,version=9p2000.L,ro host /host
+\$bb mount -t proc proc /host/proc
+\$bb mount -t sysfs sys /host/sys
+\$bb mount -t devtmpfs dev /host/dev
+\$bb mount -t tmpfs tmp /host/tmp
+\$bb mkdir -p /host$out
+\$bb mount -t 9p -o trans=virtio,version=9p2000.L out /host$out
+echo "kvm-box: L1 up, /dev/kvm: \$(\$bb ls -l /host/dev/kvm 2>&1)"
+\$bb chroot /host /bin/sh $out/.kvm-box-cmd
+echo "KVM_BOX_EXIT=\$?"
+\$bb sync
+\$bb reboot -f
+INIT
+chmod +x "$work/root/init"
+(cd "$work/root" && find . | cpio -o -H newc --quiet) >"$work/initramfs.cpio"
+
+log=$work/console.log
+qemu-system-x86_64 \
+  -M microvm,acpi=off -accel tcg -cpu max -m "$mem" -smp "$smp" \
+  -nodefaults -no-user-config -nographic -no-reboot \
+  -serial stdio \
+  -kernel "$kernel" -initrd "$work/initramfs.cpio" \
+  -append "console=ttyS0 reboot=t panic=-1 quiet rdinit=/init" \
+  -fsdev local,id=h,path=/,security_model=none,readonly=on,multidevs=remap \
+  -device virtio-9p-device,fsdev=h,mount_tag=host \
+  -fsdev local,id=o,path="$out",security_model=none,multidevs=remap \
+  -device virtio-9p-device,fsdev=o,mount_tag=out \
+  </dev/null | tee "$log"
+
+code=$(sed -n 's/^KVM_BOX_EXIT=\([0-9]*\).*/\1/p' "$log" | tail -1)
+[[ -n $code ]] || { echo "kvm-box: the box did not report an exit code" >&2; exit 125; }
+exit "$code"
