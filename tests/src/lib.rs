@@ -54,7 +54,9 @@ impl TestVm {
                 ));
             }
         }
-        let lock = VM_LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let lock = VM_LOCK
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let backend = select_backend().backend;
         let dir = tempfile::Builder::new()
             .prefix("berth-test-vm-")

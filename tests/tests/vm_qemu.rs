@@ -59,7 +59,10 @@ fn vm_missing_kernel_is_named_before_anything_starts() {
 
     let err = Vm::start(&fixture.backend, &config).unwrap_err();
 
-    assert!(matches!(err, VmError::MissingAsset { what: "kernel", .. }), "{err}");
+    assert!(
+        matches!(err, VmError::MissingAsset { what: "kernel", .. }),
+        "{err}"
+    );
     assert!(err.to_string().contains("no-such-vmlinux"));
     assert_eq!(processes_mentioning(&config.state_dir), Vec::new());
 }
@@ -83,7 +86,11 @@ fn vm_corrupted_initramfs_is_diagnosed_from_console() {
 
     let err = Vm::start(&fixture.backend, &config).unwrap_err();
 
-    assert!(started.elapsed() < FAILURE_BOUND, "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < FAILURE_BOUND,
+        "took {:?}",
+        started.elapsed()
+    );
     let text = err.to_string();
     assert!(matches!(err, VmError::ExitedDuringBoot { .. }), "{text}");
     assert!(text.contains("guest kernel panic"), "{text}");
@@ -118,7 +125,11 @@ fn vm_killed_mid_boot_is_reported_with_the_signal() {
     let err = Vm::start(&fixture.backend, &config).unwrap_err();
     killer.join().expect("killer thread");
 
-    assert!(started.elapsed() < FAILURE_BOUND, "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < FAILURE_BOUND,
+        "took {:?}",
+        started.elapsed()
+    );
     let text = err.to_string();
     assert!(
         text.contains("qemu was killed by signal 9 (SIGKILL)"),

@@ -34,11 +34,17 @@ fn cli_vm_start_status_logs_stop_round_trip() {
     let after = berth(&state_dir, &["vm", "status"]);
 
     assert!(start.status.success(), "start: {start:?}");
-    assert!(stdout(&start).contains(&format!("kernel:   {release}")), "{start:?}");
+    assert!(
+        stdout(&start).contains(&format!("kernel:   {release}")),
+        "{start:?}"
+    );
     assert!(status.status.success(), "status: {status:?}");
     let info: serde_json::Value = serde_json::from_str(&stdout(&status)).expect("status json");
     assert_eq!(info["kernel_release"], release.as_str());
-    assert!(stdout(&logs).contains("berth-agent: ready"), "logs: {logs:?}");
+    assert!(
+        stdout(&logs).contains("berth-agent: ready"),
+        "logs: {logs:?}"
+    );
     assert_eq!(stdout(&stop).trim(), "stopped", "stop: {stop:?}");
     assert_eq!(after.status.code(), Some(3));
     assert_eq!(stdout(&after).trim(), "not running");
