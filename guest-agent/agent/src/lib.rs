@@ -19,6 +19,7 @@ pub mod entropy;
 pub mod handlers;
 pub mod init;
 pub mod log;
+pub mod notify;
 pub mod power;
 pub mod reaper;
 pub mod server;
@@ -81,6 +82,7 @@ fn run_pid1() -> ! {
     let listen = Listen::Vsock { port: CONTROL_PORT };
     let listener = server::bind_retrying(&listen);
     console!("ready on vsock port {CONTROL_PORT} (protocol v{PROTOCOL_VERSION})");
+    notify::spawn_announce_ready(context.boot_id.clone());
     server::accept_loop(listener, context)
 }
 

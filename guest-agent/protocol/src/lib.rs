@@ -34,6 +34,14 @@ pub const CONTROL_PORT: u32 = 1024;
 /// tagged by a header naming what it belongs to.
 pub const STREAM_PORT: u32 = 1025;
 
+/// Host-side vsock port the agent connects to once its control server listens, to send one
+/// [`ReadyNotice`] frame. The host connects to [`CONTROL_PORT`] only after that: a host-initiated
+/// connection attempted while the guest's vsock driver is still coming up can wedge a
+/// vhost-user vsock device (measured with vhost-device-vsock 0.3 under load), and polling from
+/// the host costs boot time anyway. Under the hybrid vsock convention the host listens on the
+/// unix socket `<vsock socket>_<READY_PORT>`.
+pub const READY_PORT: u32 = 1023;
+
 /// The vsock context ID of the host, as seen from the guest.
 pub const HOST_CID: u32 = 2;
 

@@ -98,6 +98,17 @@ pub struct SystemInfo {
     pub boot_id: String,
 }
 
+/// The agent's announcement on [`crate::READY_PORT`] that its control server is listening.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadyNotice {
+    /// The newest protocol version the agent speaks.
+    pub protocol_version: u16,
+    /// The agent's build version.
+    pub agent_version: String,
+    /// The guest's boot id, as in [`HelloAck`].
+    pub boot_id: String,
+}
+
 /// Why the agent could not carry out a request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[error("{message}")]
@@ -209,6 +220,17 @@ mod tests {
         };
 
         assert_eq!(round_trip(&response), response);
+    }
+
+    #[test]
+    fn ready_notice_round_trips() {
+        let notice = ReadyNotice {
+            protocol_version: PROTOCOL_VERSION,
+            agent_version: "0.1.0".into(),
+            boot_id: "b".into(),
+        };
+
+        assert_eq!(round_trip(&notice), notice);
     }
 
     #[test]

@@ -7,13 +7,14 @@
 //! version handshake and then typed request/response calls.
 
 use std::io::{self, Read, Write};
-use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use agent_protocol::{
-    read_frame, write_frame, AgentError, FrameError, Hello, HelloAck, Request, RequestEnvelope,
-    Response, ResponseEnvelope, SystemInfo, CONTROL_PORT, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    read_frame, write_frame, AgentError, FrameError, Hello, HelloAck, ReadyNotice, Request,
+    RequestEnvelope, Response, ResponseEnvelope, SystemInfo, CONTROL_PORT, MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
 };
 use thiserror::Error;
 
@@ -96,6 +97,59 @@ fn read_line(stream: &mut UnixStream) -> io::Result<String> {
                 "hybrid vsock reply line too long",
             ));
         }
+    }
+}
+
+/// How long a guest that connected to the ready port may take to send its notice.
+const READY_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The host end of [`agent_protocol::READY_PORT`]: under the hybrid vsock convention, a unix
+/// socket named `<vsock socket>_<port>` that the device connects to for each guest-initiated
+/// connection. Bound before the VM starts so the agent's notice cannot be missed.
+#[derive(Debug)]
+pub struct ReadyListener {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl ReadyListener {
+    /// Binds the socket at `path` (replacing a stale one) in non-blocking mode.
+    pub fn bind(path: &Path) -> io::Result<Self> {
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let listener = UnixListener::bind(path)?;
+        listener.set_nonblocking(true)?;
+        Ok(Self {
+            listener,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Returns the agent's notice if one has arrived, without waiting for one.
+    pub fn poll(&self) -> Result<Option<ReadyNotice>, AgentClientError> {
+        let mut stream = match self.listener.accept() {
+            Ok((stream, _)) => stream,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+            Err(e) => return Err(AgentClientError::Io(e)),
+        };
+        stream
+            .set_nonblocking(false)
+            .and_then(|()| stream.set_read_timeout(Some(READY_READ_TIMEOUT)))
+            .map_err(AgentClientError::Io)?;
+        read_frame(&mut stream)
+            .map_err(AgentClientError::Frame)?
+            .ok_or(AgentClientError::Closed)
+            .map(Some)
+    }
+}
+
+impl Drop for ReadyListener {
+    fn drop(&mut self) {
+        // Nothing listens any more: leave no socket for the device to connect to.
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 
@@ -292,6 +346,36 @@ mod tests {
 
         assert!(matches!(err, AgentClientError::Agent(e) if e.message == "disk on fire"));
         guest.join().unwrap();
+    }
+
+    #[test]
+    fn ready_listener_notice_from_guest_is_returned() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vsock.sock_1023");
+        let ready = ReadyListener::bind(&path).unwrap();
+        let before = ready.poll().unwrap();
+        let notice = ReadyNotice {
+            protocol_version: PROTOCOL_VERSION,
+            agent_version: "test".into(),
+            boot_id: "boot".into(),
+        };
+        let mut guest = UnixStream::connect(&path).unwrap();
+        write_frame(&mut guest, &notice).unwrap();
+
+        let after = ready.poll().unwrap();
+
+        assert_eq!(before, None);
+        assert_eq!(after, Some(notice));
+    }
+
+    #[test]
+    fn ready_listener_drop_removes_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vsock.sock_1023");
+
+        drop(ReadyListener::bind(&path).unwrap());
+
+        assert!(!path.exists());
     }
 
     #[test]

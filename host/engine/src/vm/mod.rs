@@ -24,7 +24,7 @@ use tracing::{debug, info, warn};
 pub use console::diagnose_console;
 pub use process::VmProcess;
 
-use crate::agent_client::{AgentClient, AgentClientError};
+use crate::agent_client::{AgentClient, AgentClientError, ReadyListener};
 use crate::host::{probe_kvm, KvmSupport};
 
 /// File names inside a VM's state directory.
@@ -150,6 +150,12 @@ impl VmConfig {
         self.state_dir.join(VSOCK_SOCKET)
     }
 
+    /// Where the agent's readiness notice arrives (hybrid vsock: `<socket>_<port>`).
+    pub fn ready_socket(&self) -> PathBuf {
+        self.state_dir
+            .join(format!("{VSOCK_SOCKET}_{}", agent_protocol::READY_PORT))
+    }
+
     /// The guest's serial console, as a file the user can read.
     pub fn console_log(&self) -> PathBuf {
         self.state_dir.join(CONSOLE_LOG)
@@ -261,6 +267,11 @@ impl Vm {
     ) -> Result<(Self, AgentClient), VmError> {
         config.check_assets()?;
         prepare_state_dir(config)?;
+        let ready =
+            ReadyListener::bind(&config.ready_socket()).map_err(|source| VmError::StateDir {
+                path: config.ready_socket(),
+                source,
+            })?;
         let started = Instant::now();
         let processes = backend.launch(config)?;
         let mut vm = Self {
@@ -272,7 +283,7 @@ impl Vm {
             vm.kill_all();
             return Err(e);
         }
-        match vm.wait_for_agent(config, started) {
+        match vm.wait_for_agent(config, started, &ready) {
             Ok(client) => {
                 info!(
                     elapsed_ms = started.elapsed().as_millis() as u64,
@@ -382,13 +393,17 @@ impl Vm {
         false
     }
 
+    /// Waits for the agent's readiness notice, then connects and handshakes, watching the VM's
+    /// processes all along.
     fn wait_for_agent(
         &mut self,
         config: &VmConfig,
         started: Instant,
+        ready: &ReadyListener,
     ) -> Result<AgentClient, VmError> {
         let deadline = started + config.boot_timeout;
         let socket = config.vsock_socket();
+        let mut announced = false;
         loop {
             if let Some((role, status)) = self.first_exited() {
                 let console = fs::read_to_string(config.console_log()).unwrap_or_default();
@@ -406,11 +421,29 @@ impl Vm {
                     diagnosis: diagnose_or_tail(&console, &config.console_log()),
                 });
             }
+            if !announced {
+                match ready.poll() {
+                    Ok(Some(notice)) => {
+                        debug!(boot_id = %notice.boot_id, "agent announced itself");
+                        announced = true;
+                    }
+                    Ok(None) => {}
+                    Err(e) => debug!(error = %error_chain(&e), "bad readiness notice"),
+                }
+                if !announced {
+                    thread::sleep(BOOT_POLL);
+                    continue;
+                }
+            }
             match AgentClient::connect(&socket, remaining.min(Duration::from_secs(5))) {
                 Ok(client) => return Ok(client),
                 // Not up yet: the device socket is not there, or nothing listens on the port.
-                Err(AgentClientError::Connect { .. } | AgentClientError::PortRefused { .. }) => {}
-                Err(AgentClientError::Io(e)) if is_transient(&e) => {}
+                Err(
+                    e @ (AgentClientError::Connect { .. } | AgentClientError::PortRefused { .. }),
+                ) => debug!(error = %error_chain(&e), "agent not reachable yet"),
+                Err(AgentClientError::Io(e)) if is_transient(&e) => {
+                    debug!(error = %e, "agent not reachable yet");
+                }
                 Err(e) => return Err(VmError::Agent(e)),
             }
             thread::sleep(BOOT_POLL);
@@ -431,7 +464,8 @@ impl Vm {
 
     /// Removes the state file and sockets; keeps the console log for `berth vm logs`.
     fn forget(&self) {
-        for name in [STATE_FILE, VSOCK_SOCKET] {
+        let ready = format!("{VSOCK_SOCKET}_{}", agent_protocol::READY_PORT);
+        for name in [STATE_FILE, VSOCK_SOCKET, ready.as_str()] {
             let path = self.state_dir.join(name);
             if let Err(e) = fs::remove_file(&path) {
                 if e.kind() != io::ErrorKind::NotFound {
