@@ -82,6 +82,7 @@ pub fn handle_exit(exit: VcpuExit<'_>, pio: &Bus, mmio: &Bus) -> Result<ExitActi
             }
         }
         VcpuExit::IoOut(port, data) => {
+            tracing::trace!("out {port:#x} {data:?}");
             pio.write(u64::from(port), data);
         }
         VcpuExit::MmioRead(addr, data) => {

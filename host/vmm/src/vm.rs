@@ -71,6 +71,9 @@ pub enum VmError {
     /// A device could not be created.
     #[error("cannot create device {0}")]
     CreateDevice(&'static str, #[source] std::io::Error),
+    /// The config asks for a device this build cannot provide yet.
+    #[error("{0} is not implemented yet")]
+    Unsupported(&'static str),
     /// The event loop failed.
     #[error(transparent)]
     EventLoop(#[from] EventLoopError),
@@ -79,6 +82,10 @@ pub enum VmError {
 /// Boots the VM described by `config` and runs it to its end.
 pub fn run(config: &VmConfig) -> Result<VmOutcome, VmError> {
     config.validate()?;
+    if config.vsock.is_some() {
+        // Refuse rather than boot a guest whose agent can never be reached.
+        return Err(VmError::Unsupported("the vsock device"));
+    }
     // Before any thread exists, so every vCPU thread inherits the mask.
     let signals = SignalFd::block_terminating().map_err(VmError::Control)?;
 

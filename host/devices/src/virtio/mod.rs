@@ -3,7 +3,6 @@
 
 pub mod mmio;
 pub mod rng;
-// pub mod vsock;
 
 use std::fmt::Debug;
 use std::io;
