@@ -47,38 +47,40 @@ out=$(cd "$out" && pwd)
   printf '\n'
 } >"$out/.kvm-box-cmd"
 
-mkdir -p "$work/root/bin" "$work/root/host"
-cp "$busybox" "$work/root/bin/busybox"
-cat >"$work/root/init" <<INIT
-#!/bin/busybox sh
-bb=/bin/busybox
-\$bb mkdir -p /proc /sys /dev
-\$bb mount -t proc proc /proc
-\$bb mount -t sysfs sys /sys
-\$bb mount -t devtmpfs dev /dev
-\$bb mount -t 9p -o trans=virtio,version=9p2000.L,ro host /host
-\$bb mount -t proc proc /host/proc
-\$bb mount -t sysfs sys /host/sys
-\$bb mount -t devtmpfs dev /host/dev
-\$bb mount -t tmpfs tmp /host/tmp
-\$bb mkdir -p /host$out
-\$bb mount -t 9p -o trans=virtio,version=9p2000.L out /host$out
-echo "kvm-box: L1 up, /dev/kvm: \$(\$bb ls -l /host/dev/kvm 2>&1)"
-\$bb chroot /host /bin/sh $out/.kvm-box-cmd
+# L1's init: a script on the host filesystem, which is L1's real root (so mount namespaces and
+# pivot_root behave as on a normal machine; a chroot would not). Read-only root: writable places
+# are tmpfs (/tmp, /run) and the results share.
+cat >"$out/.kvm-box-init" <<INIT
+#!/bin/sh
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mountpoint -q /dev || mount -t devtmpfs dev /dev
+mkdir -p /dev/pts /dev/shm
+mount -t devpts -o newinstance,ptmxmode=0666,mode=0620 devpts /dev/pts
+mount -t tmpfs shm /dev/shm
+mount -t tmpfs tmp /tmp
+mount -t tmpfs run /run
+mount -t cgroup2 -o nsdelegate cgroup2 /sys/fs/cgroup
+mkdir -p $out
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 out $out
+hostname kvm-box
+ip link set lo up 2>/dev/null
+echo "kvm-box: L1 up, /dev/kvm: \$(ls -l /dev/kvm 2>&1)"
+/bin/sh $out/.kvm-box-cmd
 echo "KVM_BOX_EXIT=\$?"
-\$bb sync
-\$bb reboot -f
+sync
+$busybox reboot -f
 INIT
-chmod +x "$work/root/init"
-(cd "$work/root" && find . | cpio -o -H newc --quiet) >"$work/initramfs.cpio"
+chmod +x "$out/.kvm-box-init"
 
 log=$work/console.log
 qemu-system-x86_64 \
   -M microvm,acpi=off -accel tcg -cpu max -m "$mem" -smp "$smp" \
   -nodefaults -no-user-config -nographic -no-reboot \
   -serial stdio \
-  -kernel "$kernel" -initrd "$work/initramfs.cpio" \
-  -append "console=ttyS0 reboot=t panic=-1 quiet rdinit=/init" \
+  -kernel "$kernel" \
+  -append "console=ttyS0 reboot=t panic=-1 quiet root=host rootfstype=9p rootflags=trans=virtio,version=9p2000.L,msize=262144 ro init=$out/.kvm-box-init" \
   -fsdev local,id=h,path=/,security_model=none,readonly=on,multidevs=remap \
   -device virtio-9p-device,fsdev=h,mount_tag=host \
   -fsdev local,id=o,path="$out",security_model=none,multidevs=remap \
