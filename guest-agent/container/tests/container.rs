@@ -562,7 +562,10 @@ fn container_pids_limit_stops_fork_bomb() {
         started < PIDS,
         "{started} forks succeeded despite pids.max {PIDS}"
     );
-    assert!(!text.contains("done"), "the fork bomb was not stopped: {text}");
+    assert!(
+        !text.contains("done"),
+        "the fork bomb was not stopped: {text}"
+    );
 }
 
 #[test]
