@@ -3,9 +3,9 @@
 #
 # This machine's /dev/kvm is PVM and cannot boot a stock kernel (shared/ENVIRONMENT.md), so L1 is
 # our own guest kernel (it has CONFIG_KVM_AMD) under QEMU TCG with `-cpu max`, which exposes
-# nested SVM. L1 mounts the host's root read-only over virtio-9p, plus one read-write share for
-# results, and runs the command chrooted into the host root, so host binaries (dynamically
-# linked against glibc) run unchanged against L1's /dev/kvm.
+# nested SVM. L1's root filesystem is the host's root, read-only over virtio-9p, plus one
+# read-write share for results, so host binaries (dynamically linked against glibc) run
+# unchanged against L1's /dev/kvm and L1's own cgroup v2 (which owns every controller).
 #
 # Usage: tests/kvm-box/run.sh [--out DIR] [--mem 2G] [--smp 2] -- COMMAND [ARGS...]
 #   DIR (default: a fresh temp dir) is writable inside the box at the same path.
@@ -49,7 +49,7 @@ out=$(cd "$out" && pwd)
 
 # L1's init: a script on the host filesystem, which is L1's real root (so mount namespaces and
 # pivot_root behave as on a normal machine; a chroot would not). Read-only root: writable places
-# are tmpfs (/tmp, /run) and the results share.
+# are tmpfs (/run, /dev/shm; TMPDIR=/run/tmp) and the results share.
 cat >"$out/.kvm-box-init" <<INIT
 #!/bin/sh
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
@@ -59,10 +59,11 @@ mountpoint -q /dev || mount -t devtmpfs dev /dev
 mkdir -p /dev/pts /dev/shm
 mount -t devpts -o newinstance,ptmxmode=0666,mode=0620 devpts /dev/pts
 mount -t tmpfs shm /dev/shm
-mount -t tmpfs tmp /tmp
 mount -t tmpfs run /run
+# The host's /tmp stays visible (a checkout may live there); scratch space goes to tmpfs.
+mkdir -p /run/tmp
+export TMPDIR=/run/tmp
 mount -t cgroup2 -o nsdelegate cgroup2 /sys/fs/cgroup
-mkdir -p $out
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 out $out
 hostname kvm-box
 ip link set lo up 2>/dev/null

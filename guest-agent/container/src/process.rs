@@ -130,6 +130,7 @@ pub fn finish_and_exec(
         source,
     })?;
 
+    reset_signals()?;
     let env = environment(process.env().as_deref().unwrap_or_default(), &user);
     let args = process.args().as_deref().unwrap_or_default();
     let program = args.first().ok_or(ProcessError::NoArgs)?;
@@ -141,6 +142,60 @@ pub fn finish_and_exec(
         .err()
         .unwrap_or(nix::Error::UnknownErrno);
     Err(ProcessError::Exec { path, source: err })
+}
+
+/// Gives the program the signal state a fresh process has: every disposition default and
+/// nothing blocked. `execve` keeps ignored signals ignored and the mask as it is, and the Rust
+/// runtime ignores SIGPIPE while the agent blocks SIGCHLD for its reaper: left alone, `yes |
+/// head` would spin forever in a container and shells would never see their children exit.
+///
+/// The raw `rt_sigaction` system call is used because glibc's wrapper refuses the two real-time
+/// signals it reserves for itself (32 and 33), which a parent may still have left ignored.
+fn reset_signals() -> Result<(), ProcessError> {
+    /// The kernel's `struct sigaction` on x86_64 (not glibc's, whose mask is 1024 bits).
+    #[repr(C)]
+    struct KernelSigaction {
+        handler: usize,
+        flags: u64,
+        restorer: usize,
+        mask: u64,
+    }
+    /// The size of the kernel's signal mask, which `rt_sigaction` insists on.
+    const KERNEL_SIGSET_BYTES: usize = 8;
+    /// Signals are numbered 1 to 64 on x86_64.
+    const LAST_SIGNAL: libc::c_int = 64;
+
+    let default = KernelSigaction {
+        handler: 0, // SIG_DFL
+        flags: 0,
+        restorer: 0,
+        mask: 0,
+    };
+    for signal in (1..=LAST_SIGNAL).filter(|s| *s != libc::SIGKILL && *s != libc::SIGSTOP) {
+        // SAFETY: `default` is a valid kernel sigaction that outlives the call; the old action
+        // is not requested; SIG_DFL runs no code of ours in signal context.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                signal,
+                &default as *const KernelSigaction,
+                std::ptr::null_mut::<KernelSigaction>(),
+                KERNEL_SIGSET_BYTES,
+            )
+        };
+        if rc != 0 {
+            return Err(ProcessError::Syscall(
+                "reset a signal disposition",
+                nix::Error::last(),
+            ));
+        }
+    }
+    nix::sys::signal::sigprocmask(
+        nix::sys::signal::SigmaskHow::SIG_SETMASK,
+        Some(&nix::sys::signal::SigSet::empty()),
+        None,
+    )
+    .map_err(|e| ProcessError::Syscall("unblock signals", e))
 }
 
 fn io_errno(e: std::io::Error) -> nix::Error {

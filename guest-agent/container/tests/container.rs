@@ -292,6 +292,40 @@ fn container_stdout_and_stderr_kept_apart() {
 }
 
 #[test]
+fn container_process_starts_with_default_signal_state() {
+    if !can_run("container_process_starts_with_default_signal_state") {
+        return;
+    }
+    // Run directly (no shell in between): the program itself must see nothing ignored and
+    // nothing blocked, although the runtime that started it ignores SIGPIPE.
+    let fixture = Fixture::new(
+        "signals",
+        &["grep", "-E", "^Sig(Blk|Ign)", "/proc/self/status"],
+    );
+
+    let output = run(&fixture);
+
+    assert_eq!(
+        stdout_text(&output),
+        "SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\n"
+    );
+}
+
+#[test]
+fn container_pipeline_ends_when_reader_exits() {
+    if !can_run("container_pipeline_ends_when_reader_exits") {
+        return;
+    }
+    // `yes` only stops through SIGPIPE once `head` has gone; with SIGPIPE ignored it spins.
+    let fixture = Fixture::new("pipe", &["sh", "-c", "yes | head -c 4"]);
+
+    let output = run(&fixture);
+
+    assert_eq!(stdout_text(&output), "y\ny\n");
+    assert_eq!(output.status.code, 0);
+}
+
+#[test]
 fn exec_sees_container_filesystem_and_pid_namespace() {
     if !can_run("exec_sees_container_filesystem_and_pid_namespace") {
         return;
