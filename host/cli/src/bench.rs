@@ -213,12 +213,13 @@ impl BootReport {
         };
         let ratio = self.berth.as_secs_f64() / self.anchor.as_secs_f64();
         format!(
-            "| what | median of {runs} | \n|---|---|\n\
+            "| what | median of {runs} |\n|---|---|\n\
              | berth: process start to agent handshake (qemu backend, {accel}) | {berth} ms |\n\
              | anchor: QEMU microvm, same kernel, trivial `/init` reached | {anchor} ms |\n\
              | ratio berth / anchor | {ratio:.2} |\n\n\
              Guest: {mem} MiB, {cpus} vCPUs. Command: \
-             `target/release/berth bench boot --runs {runs} --record docs/benchmarks.md`.",
+             `target/release/berth bench boot --runs {runs} --memory {mem} --cpus {cpus} \
+             --record docs/benchmarks.md`.",
             runs = self.runs,
             berth = self.berth.as_millis(),
             anchor = self.anchor.as_millis(),
