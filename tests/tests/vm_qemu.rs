@@ -3,7 +3,7 @@
 
 use std::fs;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use berth_engine::vm::VmError;
 use berth_engine::{StopOutcome, Vm};
@@ -16,6 +16,9 @@ use nix::unistd::Pid;
 /// did not come from the timeout.
 const FAILURE_BOUND: Duration = Duration::from_secs(60);
 
+/// How far the guest's clock may be from the host's right after the handshake set it.
+const CLOCK_SLACK_SECS: f64 = 5.0;
+
 #[test]
 fn vm_boot_handshake_system_info_and_clean_shutdown_leaves_no_process() {
     let fixture = match TestVm::new() {
@@ -27,6 +30,10 @@ fn vm_boot_handshake_system_info_and_clean_shutdown_leaves_no_process() {
     let (vm, mut agent) = Vm::start(&fixture.backend, &config).expect("boot");
     agent.ping().expect("ping");
     let info = agent.system_info().expect("system info");
+    let host_now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64();
     drop(agent);
     let pids: Vec<i32> = vm.processes().iter().map(|p| p.pid()).collect();
     let outcome = vm.stop(Duration::from_secs(60));
@@ -38,6 +45,13 @@ fn vm_boot_handshake_system_info_and_clean_shutdown_leaves_no_process() {
     assert_eq!(info.kernel_release, built);
     assert_eq!(info.cpus, 2);
     assert!(info.mem_total_bytes > 256 << 20, "{info:?}");
+    // The agent set its clock from the host's at the handshake; the guest has no RTC worth
+    // trusting, so without that it would read 1970. Seconds of slack for a slow TCG guest.
+    let guest_now = info.wall_clock_unix_nanos as f64 / 1e9;
+    assert!(
+        (guest_now - host_now).abs() < CLOCK_SLACK_SECS,
+        "guest clock {guest_now} vs host {host_now}"
+    );
     assert_eq!(outcome, StopOutcome::Clean);
     for pid in pids {
         assert!(

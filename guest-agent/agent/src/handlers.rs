@@ -4,12 +4,18 @@
 //! visible in one place. They run on the connection's thread and share [`AgentContext`].
 
 use std::error::Error;
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use agent_protocol::{
-    negotiate_version, AgentError, AgentErrorKind, Hello, HelloAck, Response, MIN_PROTOCOL_VERSION,
-    PROTOCOL_VERSION,
+    negotiate_version, AgentError, AgentErrorKind, ContainerRef, CreateContainer, ExecProcess,
+    ExecRef, Hello, HelloAck, ProcessRef, ResizePty, Response, SignalProcess, UnpackLayer,
+    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
+use berth_container::unpack::UnpackError;
+use berth_container::ContainerError;
 
+use crate::containers::{Containers, ContainersConfig, ContainersError};
 use crate::log::{console, Chain};
 use crate::{clock, sysinfo, Mode};
 
@@ -23,23 +29,38 @@ pub struct AgentContext {
     pub mode: Mode,
     /// The kernel's boot id, read once at start.
     pub boot_id: String,
+    /// The containers of this agent.
+    pub containers: Arc<Containers>,
 }
 
 impl AgentContext {
     /// Reads the boot id; a guest without `/proc` still serves, with a boot id of `unknown`.
-    pub fn new(mode: Mode) -> Self {
+    pub fn new(mode: Mode, containers: Arc<Containers>) -> Self {
         let boot_id = sysinfo::read_boot_id().unwrap_or_else(|e| {
             console!("{}", Chain(&e));
             "unknown".to_owned()
         });
-        Self::with_boot_id(mode, boot_id)
+        Self {
+            containers,
+            ..Self::with_boot_id(mode, boot_id)
+        }
     }
 
-    /// A context with a given boot id.
+    /// A context with a given boot id and a container registry without a reaper, which
+    /// refuses every container request (for tests of the rest).
     pub fn with_boot_id(mode: Mode, boot_id: impl Into<String>) -> Self {
+        let containers = Containers::new(
+            None,
+            ContainersConfig {
+                state_dir: PathBuf::from("/nonexistent"),
+                cgroup_root: PathBuf::from(crate::init::CGROUP_ROOT),
+                init_binary: PathBuf::from("/proc/self/exe"),
+            },
+        );
         Self {
             mode,
             boot_id: boot_id.into(),
+            containers: Arc::new(containers),
         }
     }
 }
@@ -85,6 +106,233 @@ pub fn system_info(context: &AgentContext) -> Result<Response, AgentError> {
 /// (see `server`), because nothing can be sent after it.
 pub fn shutdown() -> Result<Response, AgentError> {
     Ok(Response::Done)
+}
+
+/// Refuses an empty id.
+fn require(what: &str, value: &str) -> Result<(), AgentError> {
+    if value.is_empty() {
+        return Err(AgentError::new(
+            AgentErrorKind::InvalidArgument,
+            format!("{what} must not be empty"),
+        ));
+    }
+    Ok(())
+}
+
+/// `CreateContainer`.
+pub fn create_container(
+    context: &AgentContext,
+    request: CreateContainer,
+) -> Result<Response, AgentError> {
+    require("the container id", &request.id)?;
+    context
+        .containers
+        .do_create(request)
+        .map(|()| Response::Done)
+        .map_err(|e| container_error(&e))
+}
+
+/// `StartContainer`.
+pub fn start_container(
+    context: &AgentContext,
+    request: &ContainerRef,
+) -> Result<Response, AgentError> {
+    require("the container id", &request.id)?;
+    context
+        .containers
+        .do_start(&request.id)
+        .map(|()| Response::Done)
+        .map_err(|e| container_error(&e))
+}
+
+/// `SignalContainer`.
+pub fn signal_container(
+    context: &AgentContext,
+    request: &SignalProcess,
+) -> Result<Response, AgentError> {
+    require("the container id", &request.id)?;
+    context
+        .containers
+        .do_signal(&request.id, request.exec_id.as_deref(), request.signal)
+        .map(|()| Response::Done)
+        .map_err(|e| container_error(&e))
+}
+
+/// `WaitContainer`: blocks this connection until the init ends.
+pub fn wait_container(
+    context: &AgentContext,
+    request: &ContainerRef,
+) -> Result<Response, AgentError> {
+    require("the container id", &request.id)?;
+    context
+        .containers
+        .do_wait(&request.id)
+        .map(Response::Exited)
+        .map_err(|e| container_error(&e))
+}
+
+/// `ExecProcess`.
+pub fn exec_process(context: &AgentContext, request: ExecProcess) -> Result<Response, AgentError> {
+    require("the container id", &request.id)?;
+    require("the exec id", &request.exec_id)?;
+    context
+        .containers
+        .do_exec(request)
+        .map(|()| Response::Done)
+        .map_err(|e| container_error(&e))
+}
+
+/// `WaitExec`: blocks this connection until the exec ends.
+pub fn wait_exec(context: &AgentContext, request: &ExecRef) -> Result<Response, AgentError> {
+    require("the container id", &request.id)?;
+    require("the exec id", &request.exec_id)?;
+    context
+        .containers
+        .do_wait_exec(&request.id, &request.exec_id)
+        .map(Response::Exited)
+        .map_err(|e| container_error(&e))
+}
+
+/// `ResizePty`.
+pub fn resize_pty(context: &AgentContext, request: &ResizePty) -> Result<Response, AgentError> {
+    require("the container id", &request.id)?;
+    if request.rows == 0 || request.cols == 0 {
+        return Err(AgentError::new(
+            AgentErrorKind::InvalidArgument,
+            "a terminal needs at least one row and one column",
+        ));
+    }
+    context
+        .containers
+        .do_resize(
+            &request.id,
+            request.exec_id.as_deref(),
+            request.rows,
+            request.cols,
+        )
+        .map(|()| Response::Done)
+        .map_err(|e| container_error(&e))
+}
+
+/// `CloseStdin`.
+pub fn close_stdin(context: &AgentContext, request: &ProcessRef) -> Result<Response, AgentError> {
+    require("the container id", &request.id)?;
+    context
+        .containers
+        .do_close_stdin(&request.id, request.exec_id.as_deref())
+        .map(|()| Response::Done)
+        .map_err(|e| container_error(&e))
+}
+
+/// `PauseContainer`.
+pub fn pause_container(
+    context: &AgentContext,
+    request: &ContainerRef,
+) -> Result<Response, AgentError> {
+    require("the container id", &request.id)?;
+    context
+        .containers
+        .do_pause(&request.id)
+        .map(|()| Response::Done)
+        .map_err(|e| container_error(&e))
+}
+
+/// `ResumeContainer`.
+pub fn resume_container(
+    context: &AgentContext,
+    request: &ContainerRef,
+) -> Result<Response, AgentError> {
+    require("the container id", &request.id)?;
+    context
+        .containers
+        .do_resume(&request.id)
+        .map(|()| Response::Done)
+        .map_err(|e| container_error(&e))
+}
+
+/// `TopContainer`.
+pub fn top_container(
+    context: &AgentContext,
+    request: &ContainerRef,
+) -> Result<Response, AgentError> {
+    require("the container id", &request.id)?;
+    context
+        .containers
+        .do_top(&request.id)
+        .map(Response::Top)
+        .map_err(|e| container_error(&e))
+}
+
+/// `StatsContainer`.
+pub fn stats_container(
+    context: &AgentContext,
+    request: &ContainerRef,
+) -> Result<Response, AgentError> {
+    require("the container id", &request.id)?;
+    context
+        .containers
+        .do_stats(&request.id)
+        .map(Response::Stats)
+        .map_err(|e| container_error(&e))
+}
+
+/// `DeleteContainer`.
+pub fn delete_container(
+    context: &AgentContext,
+    request: &ContainerRef,
+) -> Result<Response, AgentError> {
+    require("the container id", &request.id)?;
+    context
+        .containers
+        .do_delete(&request.id)
+        .map(|()| Response::Done)
+        .map_err(|e| container_error(&e))
+}
+
+/// `UnpackLayer`.
+pub fn unpack_layer(context: &AgentContext, request: &UnpackLayer) -> Result<Response, AgentError> {
+    require("the upload id", &request.upload_id)?;
+    if !request.dir.is_absolute() {
+        return Err(AgentError::new(
+            AgentErrorKind::InvalidArgument,
+            format!("the layer directory {:?} is not absolute", request.dir),
+        ));
+    }
+    context
+        .containers
+        .do_unpack_layer(request)
+        .map(Response::Unpacked)
+        .map_err(|e| container_error(&e))
+}
+
+/// Maps a container failure onto the wire: what the host named wrongly, what conflicts with
+/// the current state, what the layer or config got wrong, and the rest as internal.
+pub fn container_error(error: &ContainersError) -> AgentError {
+    let kind = match error {
+        ContainersError::NoContainer(_)
+        | ContainersError::NoExec { .. }
+        | ContainersError::NoUpload(_) => AgentErrorKind::NotFound,
+        ContainersError::Exists(_)
+        | ContainersError::ExecExists { .. }
+        | ContainersError::NotAttachable(_)
+        | ContainersError::NoTerminal
+        | ContainersError::Container(ContainerError::State(_)) => AgentErrorKind::Conflict,
+        ContainersError::BadSignal(_)
+        | ContainersError::Container(ContainerError::Spec(_))
+        | ContainersError::Unpack(
+            UnpackError::BadPath { .. }
+            | UnpackError::HeaderTooLarge { .. }
+            | UnpackError::Malformed(_)
+            | UnpackError::Header(_)
+            | UnpackError::ThroughSymlink { .. }
+            | UnpackError::LinkTarget { .. }
+            | UnpackError::DeviceNotAllowed { .. }
+            | UnpackError::UnsupportedType { .. }
+            | UnpackError::Zstd(_),
+        ) => AgentErrorKind::InvalidArgument,
+        _ => AgentErrorKind::Internal,
+    };
+    AgentError::new(kind, Chain(error).to_string())
 }
 
 /// A failure inside the guest, with its whole cause chain for the host to show.

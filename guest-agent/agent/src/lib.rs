@@ -2,12 +2,15 @@
 //!
 //! In the guest the agent is the whole userspace: the initramfs holds it as `/init` and nothing
 //! else. It mounts the basic filesystems ([`init`]), seeds the entropy pool ([`entropy`]), reaps
-//! every orphan ([`reaper`]) and serves the host's control protocol over vsock ([`server`],
-//! [`session`], [`handlers`]) until the host asks it to power off ([`power`]).
+//! every orphan ([`reaper`]), runs containers ([`containers`], over the `berth-container`
+//! library) and serves the host's control protocol over vsock ([`server`], [`session`],
+//! [`handlers`]) and their stdio and uploads on stream connections of their own ([`streams`])
+//! until the host asks it to power off ([`power`]).
 //!
 //! Outside the guest (`--listen-unix <path>`, DESIGN.md tier 1) the same server runs on a unix
 //! socket so host tests can drive the real agent over the real protocol; everything that would
-//! change the host (mounts, hostname, clock, reboot) is skipped in that mode.
+//! change the host (mounts, hostname, clock, reboot) is skipped in that mode. Containers do run
+//! natively (as root), with their stream server on `<path>.streams`.
 //!
 //! The agent is threaded and synchronous: one thread accepts, one thread serves each connection,
 //! one thread reaps. PID 1 must never exit (the kernel panics), so every error is logged to the
@@ -15,6 +18,7 @@
 
 pub mod args;
 pub mod clock;
+pub mod containers;
 pub mod entropy;
 pub mod handlers;
 pub mod init;
@@ -24,14 +28,17 @@ pub mod power;
 pub mod reaper;
 pub mod server;
 pub mod session;
+pub mod streams;
 pub mod sysinfo;
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use agent_protocol::{CONTROL_PORT, PROTOCOL_VERSION};
+use agent_protocol::{stream_socket_path, CONTROL_PORT, PROTOCOL_VERSION, STREAM_PORT};
 
 use crate::args::{Invocation, Listen};
+use crate::containers::{Containers, ContainersConfig};
 use crate::handlers::AgentContext;
 use crate::log::{console, Chain};
 use crate::reaper::Reaper;
@@ -77,8 +84,15 @@ fn run_pid1() -> ! {
     }
     init::early_init();
     entropy::spawn_seeder();
-    let _reaper = start_reaper(Mode::Pid1);
-    let context = Arc::new(AgentContext::new(Mode::Pid1));
+    let containers = Arc::new(Containers::new(
+        start_reaper(Mode::Pid1),
+        containers_config(Path::new(PID1_STATE_DIR), PathBuf::from(init::CGROUP_ROOT)),
+    ));
+    let streams = Listen::Vsock { port: STREAM_PORT };
+    if let Err(e) = streams::spawn(streams, Arc::clone(&containers), true) {
+        console!("cannot start the stream server: {e}");
+    }
+    let context = Arc::new(AgentContext::new(Mode::Pid1, containers));
     let listen = Listen::Vsock { port: CONTROL_PORT };
     let listener = server::bind_retrying(&listen);
     console!("ready on vsock port {CONTROL_PORT} (protocol v{PROTOCOL_VERSION})");
@@ -112,7 +126,23 @@ fn run_native() -> ExitCode {
             Chain(&e)
         );
     }
-    let _reaper = start_reaper(Mode::Native);
+    let (state_dir, streams) = match &listen {
+        Listen::Unix(path) => (
+            PathBuf::from(format!("{}.state", path.display())),
+            Listen::Unix(stream_socket_path(path)),
+        ),
+        Listen::Vsock { .. } => (
+            PathBuf::from(PID1_STATE_DIR),
+            Listen::Vsock { port: STREAM_PORT },
+        ),
+    };
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let cgroup_root =
+        containers::cgroup2_mount(&mountinfo).unwrap_or_else(|| PathBuf::from(init::CGROUP_ROOT));
+    let containers = Arc::new(Containers::new(
+        start_reaper(Mode::Native),
+        containers_config(&state_dir, cgroup_root),
+    ));
     let listener = match server::bind(&listen) {
         Ok(listener) => listener,
         Err(e) => {
@@ -120,8 +150,27 @@ fn run_native() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Err(e) = streams::spawn(streams, Arc::clone(&containers), false) {
+        console!("cannot start the stream server: {e}");
+        return ExitCode::FAILURE;
+    }
     console!("ready on {listen} (protocol v{PROTOCOL_VERSION})");
-    server::accept_loop(listener, Arc::new(AgentContext::new(Mode::Native)))
+    server::accept_loop(
+        listener,
+        Arc::new(AgentContext::new(Mode::Native, containers)),
+    )
+}
+
+/// Where PID 1 keeps per-container state (a tmpfs: it dies with the VM, as containers do).
+const PID1_STATE_DIR: &str = "/run/berth/containers";
+
+fn containers_config(state_dir: &Path, cgroup_root: PathBuf) -> ContainersConfig {
+    ContainersConfig {
+        state_dir: state_dir.to_owned(),
+        cgroup_root,
+        // The container library re-executes the agent; `main` serves that first thing.
+        init_binary: PathBuf::from("/proc/self/exe"),
+    }
 }
 
 /// Starts the reaper. In native mode the agent makes itself a child subreaper first, so the

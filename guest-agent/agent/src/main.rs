@@ -5,5 +5,8 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // Before anything else: when the container library re-executes this binary to set a
+    // container up, this runs that setup in the fresh single-threaded process and exits.
+    berth_container::run_init_if_requested();
     berth_agent::run()
 }

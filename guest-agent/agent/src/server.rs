@@ -116,6 +116,17 @@ impl ControlListener {
     }
 }
 
+impl From<ControlStream> for OwnedFd {
+    /// The connection's socket, for code that handles every kind of socket alike (the stream
+    /// pumps).
+    fn from(stream: ControlStream) -> Self {
+        match stream {
+            ControlStream::Vsock(file) => file.into(),
+            ControlStream::Unix(stream) => stream.into(),
+        }
+    }
+}
+
 impl Connection for ControlStream {
     fn shutdown_write(&self) -> io::Result<()> {
         match self {

@@ -178,6 +178,74 @@ impl Session<'_> {
             (Some(_), Request::SystemInfo) => {
                 Step::answer(id, handlers::system_info(self.context), Then::Continue)
             }
+            (Some(_), Request::CreateContainer(body)) => Step::answer(
+                id,
+                handlers::create_container(self.context, body),
+                Then::Continue,
+            ),
+            (Some(_), Request::StartContainer(body)) => Step::answer(
+                id,
+                handlers::start_container(self.context, &body),
+                Then::Continue,
+            ),
+            (Some(_), Request::SignalContainer(body)) => Step::answer(
+                id,
+                handlers::signal_container(self.context, &body),
+                Then::Continue,
+            ),
+            (Some(_), Request::WaitContainer(body)) => Step::answer(
+                id,
+                handlers::wait_container(self.context, &body),
+                Then::Continue,
+            ),
+            (Some(_), Request::ExecProcess(body)) => Step::answer(
+                id,
+                handlers::exec_process(self.context, body),
+                Then::Continue,
+            ),
+            (Some(_), Request::WaitExec(body)) => {
+                Step::answer(id, handlers::wait_exec(self.context, &body), Then::Continue)
+            }
+            (Some(_), Request::ResizePty(body)) => Step::answer(
+                id,
+                handlers::resize_pty(self.context, &body),
+                Then::Continue,
+            ),
+            (Some(_), Request::CloseStdin(body)) => Step::answer(
+                id,
+                handlers::close_stdin(self.context, &body),
+                Then::Continue,
+            ),
+            (Some(_), Request::PauseContainer(body)) => Step::answer(
+                id,
+                handlers::pause_container(self.context, &body),
+                Then::Continue,
+            ),
+            (Some(_), Request::ResumeContainer(body)) => Step::answer(
+                id,
+                handlers::resume_container(self.context, &body),
+                Then::Continue,
+            ),
+            (Some(_), Request::TopContainer(body)) => Step::answer(
+                id,
+                handlers::top_container(self.context, &body),
+                Then::Continue,
+            ),
+            (Some(_), Request::StatsContainer(body)) => Step::answer(
+                id,
+                handlers::stats_container(self.context, &body),
+                Then::Continue,
+            ),
+            (Some(_), Request::DeleteContainer(body)) => Step::answer(
+                id,
+                handlers::delete_container(self.context, &body),
+                Then::Continue,
+            ),
+            (Some(_), Request::UnpackLayer(body)) => Step::answer(
+                id,
+                handlers::unpack_layer(self.context, &body),
+                Then::Continue,
+            ),
             (Some(_), Request::Shutdown) => {
                 let result = handlers::shutdown();
                 let then = if result.is_ok() {
@@ -255,6 +323,20 @@ fn request_name(request: &Request) -> &'static str {
         Request::Ping => "Ping",
         Request::SystemInfo => "SystemInfo",
         Request::Shutdown => "Shutdown",
+        Request::CreateContainer(_) => "CreateContainer",
+        Request::StartContainer(_) => "StartContainer",
+        Request::SignalContainer(_) => "SignalContainer",
+        Request::WaitContainer(_) => "WaitContainer",
+        Request::ExecProcess(_) => "ExecProcess",
+        Request::WaitExec(_) => "WaitExec",
+        Request::ResizePty(_) => "ResizePty",
+        Request::CloseStdin(_) => "CloseStdin",
+        Request::PauseContainer(_) => "PauseContainer",
+        Request::ResumeContainer(_) => "ResumeContainer",
+        Request::TopContainer(_) => "TopContainer",
+        Request::StatsContainer(_) => "StatsContainer",
+        Request::DeleteContainer(_) => "DeleteContainer",
+        Request::UnpackLayer(_) => "UnpackLayer",
     }
 }
 

@@ -58,6 +58,9 @@ pub fn do_system_info(agent_version: &str, boot_id: &str) -> Result<SystemInfo, 
         uptime_secs,
         agent_version: agent_version.to_owned(),
         boot_id: boot_id.to_owned(),
+        wall_clock_unix_nanos: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
     })
 }
 

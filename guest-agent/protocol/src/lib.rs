@@ -10,8 +10,11 @@
 //! readable in logs and lets an older peer skip fields it does not know; the header carries the
 //! protocol version so a peer from the future is told so plainly instead of failing to parse.
 
+pub mod container;
 pub mod frame;
 pub mod messages;
+
+pub use container::*;
 
 pub use frame::{
     read_frame, read_frame_payload, write_frame, FrameError, FRAME_HEADER_LEN, FRAME_MAGIC,
@@ -33,6 +36,15 @@ pub const CONTROL_PORT: u32 = 1024;
 /// port-forward traffic, layer uploads, archive copies) is a connection of its own to this port,
 /// tagged by a header naming what it belongs to.
 pub const STREAM_PORT: u32 = 1025;
+
+/// The unix socket of the stream server of an agent in native mode (DESIGN.md tier 1) whose
+/// control socket is `control_socket`: the same path with `.streams` appended. It plays the
+/// role of [`STREAM_PORT`].
+pub fn stream_socket_path(control_socket: &std::path::Path) -> std::path::PathBuf {
+    let mut path = control_socket.as_os_str().to_owned();
+    path.push(".streams");
+    path.into()
+}
 
 /// Host-side vsock port the agent connects to once its control server listens, to send one
 /// [`ReadyNotice`] frame. The host connects to [`CONTROL_PORT`] only after that: a host-initiated
@@ -59,6 +71,14 @@ pub fn negotiate_version(peer_min: u16, peer_max: u16) -> Option<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stream_socket_path_appends_suffix() {
+        assert_eq!(
+            stream_socket_path(std::path::Path::new("/run/agent.sock")),
+            std::path::PathBuf::from("/run/agent.sock.streams")
+        );
+    }
 
     #[test]
     fn negotiate_version_same_range_picks_ours() {

@@ -6,6 +6,11 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::container::{
+    ContainerRef, ContainerStats, CreateContainer, ExecProcess, ExecRef, ExitInfo, ProcessRef,
+    ResizePty, SignalProcess, TopInfo, UnpackLayer, UnpackedLayer,
+};
+
 /// A request with the id its response will carry.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RequestEnvelope {
@@ -36,6 +41,37 @@ pub enum Request {
     SystemInfo,
     /// Sync filesystems and power the VM off. The agent answers before it powers off.
     Shutdown,
+    /// Create a container, ready to start; answered with `Done`. Attach its output streams
+    /// before starting it.
+    CreateContainer(CreateContainer),
+    /// Start a created container's init; answered with `Done`.
+    StartContainer(ContainerRef),
+    /// Send a signal to a container's init or one of its execs; answered with `Done`.
+    SignalContainer(SignalProcess),
+    /// Wait for a container's init to end; answered with `Exited`.
+    WaitContainer(ContainerRef),
+    /// Run a process in a running container; answered with `Done`.
+    ExecProcess(ExecProcess),
+    /// Wait for an exec to end; answered with `Exited`.
+    WaitExec(ExecRef),
+    /// Set the terminal size of a TTY process; answered with `Done`.
+    ResizePty(ResizePty),
+    /// Close a process's stdin (if no stdin stream holds it, or by ending that stream);
+    /// answered with `Done`.
+    CloseStdin(ProcessRef),
+    /// Freeze every process of a container; answered with `Done`.
+    PauseContainer(ContainerRef),
+    /// Thaw a paused container; answered with `Done`.
+    ResumeContainer(ContainerRef),
+    /// List a container's processes; answered with `Top`.
+    TopContainer(ContainerRef),
+    /// A container's resource usage; answered with `Stats`.
+    StatsContainer(ContainerRef),
+    /// Kill what still runs of a container and remove it (cgroup, mounts, state); answered
+    /// with `Done`.
+    DeleteContainer(ContainerRef),
+    /// Unpack a layer uploaded on a stream; answered with `Unpacked`.
+    UnpackLayer(UnpackLayer),
 }
 
 /// What the agent answers.
@@ -50,6 +86,14 @@ pub enum Response {
     SystemInfo(SystemInfo),
     /// The request was carried out and has nothing to report.
     Done,
+    /// How a process ended.
+    Exited(ExitInfo),
+    /// A container's processes.
+    Top(TopInfo),
+    /// A container's resource usage.
+    Stats(ContainerStats),
+    /// What a layer unpack produced.
+    Unpacked(UnpackedLayer),
 }
 
 /// The host's side of the handshake.
@@ -96,6 +140,10 @@ pub struct SystemInfo {
     pub agent_version: String,
     /// Same as in [`HelloAck`].
     pub boot_id: String,
+    /// The guest's wall clock when it answered, nanoseconds since the Unix epoch (0 from an
+    /// agent too old to report it). The agent sets it from the host at each handshake.
+    #[serde(default)]
+    pub wall_clock_unix_nanos: u64,
 }
 
 /// The agent's announcement on [`crate::READY_PORT`] that its control server is listening.
@@ -173,6 +221,7 @@ mod tests {
             uptime_secs: 1.25,
             agent_version: "0.1.0".into(),
             boot_id: "4f1c".into(),
+            wall_clock_unix_nanos: 1_700_000_000_000_000_000,
         }
     }
 
@@ -231,6 +280,20 @@ mod tests {
         };
 
         assert_eq!(round_trip(&notice), notice);
+    }
+
+    #[test]
+    fn system_info_without_wall_clock_decodes_as_zero() {
+        // What an older agent sends: the field did not exist yet.
+        let mut value = serde_json::to_value(sample_system_info()).unwrap();
+        value
+            .as_object_mut()
+            .unwrap()
+            .remove("wall_clock_unix_nanos");
+
+        let info: SystemInfo = serde_json::from_value(value).unwrap();
+
+        assert_eq!(info.wall_clock_unix_nanos, 0);
     }
 
     #[test]

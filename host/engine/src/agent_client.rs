@@ -5,6 +5,11 @@
 //! `vhost-device-vsock`): connect to the socket, write `CONNECT <port>\n`, read `OK <n>\n`, and
 //! the rest of the connection is the guest's stream. On top of that stream this client does the
 //! version handshake and then typed request/response calls.
+//!
+//! Stdio and layer uploads travel on stream connections of their own ([`open_stream`],
+//! [`open_stream_vsock`]): one [`StreamHeader`] frame names the process and stream, the agent
+//! answers with a [`StreamAccept`], and raw bytes follow. Attach a container's output streams
+//! after `create_container` and before `start_container`, and nothing is missed.
 
 use std::io::{self, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -12,9 +17,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use agent_protocol::{
-    read_frame, write_frame, AgentError, FrameError, Hello, HelloAck, ReadyNotice, Request,
-    RequestEnvelope, Response, ResponseEnvelope, SystemInfo, CONTROL_PORT, MIN_PROTOCOL_VERSION,
-    PROTOCOL_VERSION,
+    read_frame, stream_socket_path, write_frame, AgentError, ContainerRef, ContainerStats,
+    CreateContainer, ExecProcess, ExecRef, ExitInfo, FrameError, Hello, HelloAck, ProcessRef,
+    ReadyNotice, Request, RequestEnvelope, ResizePty, Response, ResponseEnvelope, SignalProcess,
+    StreamAccept, StreamHeader, SystemInfo, TopInfo, UnpackLayer, UnpackedLayer, CONTROL_PORT,
+    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, STREAM_PORT,
 };
 use thiserror::Error;
 
@@ -46,6 +53,56 @@ pub enum AgentClientError {
     UnexpectedResponse(&'static str),
     #[error("the agent refused the request")]
     Agent(#[source] AgentError),
+    #[error("the agent refused the stream")]
+    StreamRefused(#[source] AgentError),
+}
+
+/// Opens a stream to an agent in native mode (DESIGN.md tier 1) whose control socket is
+/// `control_socket`, over its stream socket `<control_socket>.streams`. `timeout` bounds the
+/// connection and the header exchange; the stream itself then has no timeout.
+pub fn open_stream(
+    control_socket: &Path,
+    header: &StreamHeader,
+    timeout: Duration,
+) -> Result<UnixStream, AgentClientError> {
+    let path = stream_socket_path(control_socket);
+    let stream = UnixStream::connect(&path).map_err(|source| AgentClientError::Connect {
+        path: path.display().to_string(),
+        source,
+    })?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .and_then(|()| stream.set_write_timeout(Some(timeout)))
+        .map_err(AgentClientError::Io)?;
+    attach_stream(stream, header)
+}
+
+/// Opens a stream to the agent in the guest through the hybrid vsock socket at `uds_path`, on
+/// [`STREAM_PORT`].
+pub fn open_stream_vsock(
+    uds_path: &Path,
+    header: &StreamHeader,
+    timeout: Duration,
+) -> Result<UnixStream, AgentClientError> {
+    let stream = connect_vsock(uds_path, STREAM_PORT, timeout)?;
+    attach_stream(stream, header)
+}
+
+/// Sends the header, reads the agent's verdict and lifts the timeouts for the raw bytes.
+fn attach_stream(
+    mut stream: UnixStream,
+    header: &StreamHeader,
+) -> Result<UnixStream, AgentClientError> {
+    write_frame(&mut stream, header).map_err(AgentClientError::Frame)?;
+    let accept: StreamAccept = read_frame(&mut stream)
+        .map_err(AgentClientError::Frame)?
+        .ok_or(AgentClientError::Closed)?;
+    accept.result.map_err(AgentClientError::StreamRefused)?;
+    stream
+        .set_read_timeout(None)
+        .and_then(|()| stream.set_write_timeout(None))
+        .map_err(AgentClientError::Io)?;
+    Ok(stream)
 }
 
 /// Opens a stream to `port` in the guest through the hybrid vsock socket at `uds_path`.
@@ -225,6 +282,153 @@ impl AgentClient {
         }
     }
 
+    /// Creates a container, ready to start.
+    pub fn create_container(&mut self, request: CreateContainer) -> Result<(), AgentClientError> {
+        self.call_done(Request::CreateContainer(request), "CreateContainer")
+    }
+
+    /// Starts a created container.
+    pub fn start_container(&mut self, id: &str) -> Result<(), AgentClientError> {
+        self.call_done(Request::StartContainer(container_ref(id)), "StartContainer")
+    }
+
+    /// Sends `signal` to a container's init (`exec_id` `None`) or one of its execs.
+    pub fn signal_container(
+        &mut self,
+        id: &str,
+        exec_id: Option<&str>,
+        signal: i32,
+    ) -> Result<(), AgentClientError> {
+        let request = Request::SignalContainer(SignalProcess {
+            id: id.to_owned(),
+            exec_id: exec_id.map(str::to_owned),
+            signal,
+        });
+        self.call_done(request, "SignalContainer")
+    }
+
+    /// Waits, without a timeout, for a container's init to end.
+    pub fn wait_container(&mut self, id: &str) -> Result<ExitInfo, AgentClientError> {
+        match self.call_unbounded(Request::WaitContainer(container_ref(id)))? {
+            Response::Exited(exit) => Ok(exit),
+            _ => Err(AgentClientError::UnexpectedResponse("WaitContainer")),
+        }
+    }
+
+    /// Runs a process in a running container.
+    pub fn exec_process(&mut self, request: ExecProcess) -> Result<(), AgentClientError> {
+        self.call_done(Request::ExecProcess(request), "ExecProcess")
+    }
+
+    /// Waits, without a timeout, for an exec to end.
+    pub fn wait_exec(&mut self, id: &str, exec_id: &str) -> Result<ExitInfo, AgentClientError> {
+        let request = Request::WaitExec(ExecRef {
+            id: id.to_owned(),
+            exec_id: exec_id.to_owned(),
+        });
+        match self.call_unbounded(request)? {
+            Response::Exited(exit) => Ok(exit),
+            _ => Err(AgentClientError::UnexpectedResponse("WaitExec")),
+        }
+    }
+
+    /// Sets the terminal size of a TTY process.
+    pub fn resize_pty(
+        &mut self,
+        id: &str,
+        exec_id: Option<&str>,
+        rows: u16,
+        cols: u16,
+    ) -> Result<(), AgentClientError> {
+        let request = Request::ResizePty(ResizePty {
+            id: id.to_owned(),
+            exec_id: exec_id.map(str::to_owned),
+            rows,
+            cols,
+        });
+        self.call_done(request, "ResizePty")
+    }
+
+    /// Closes a process's stdin.
+    pub fn close_stdin(&mut self, id: &str, exec_id: Option<&str>) -> Result<(), AgentClientError> {
+        let request = Request::CloseStdin(ProcessRef {
+            id: id.to_owned(),
+            exec_id: exec_id.map(str::to_owned),
+        });
+        self.call_done(request, "CloseStdin")
+    }
+
+    /// Freezes a container.
+    pub fn pause_container(&mut self, id: &str) -> Result<(), AgentClientError> {
+        self.call_done(Request::PauseContainer(container_ref(id)), "PauseContainer")
+    }
+
+    /// Thaws a container.
+    pub fn resume_container(&mut self, id: &str) -> Result<(), AgentClientError> {
+        self.call_done(
+            Request::ResumeContainer(container_ref(id)),
+            "ResumeContainer",
+        )
+    }
+
+    /// A container's processes.
+    pub fn top_container(&mut self, id: &str) -> Result<TopInfo, AgentClientError> {
+        match self.call(Request::TopContainer(container_ref(id)))? {
+            Response::Top(top) => Ok(top),
+            _ => Err(AgentClientError::UnexpectedResponse("TopContainer")),
+        }
+    }
+
+    /// A container's resource usage.
+    pub fn stats_container(&mut self, id: &str) -> Result<ContainerStats, AgentClientError> {
+        match self.call(Request::StatsContainer(container_ref(id)))? {
+            Response::Stats(stats) => Ok(stats),
+            _ => Err(AgentClientError::UnexpectedResponse("StatsContainer")),
+        }
+    }
+
+    /// Kills what still runs of a container and removes it.
+    pub fn delete_container(&mut self, id: &str) -> Result<(), AgentClientError> {
+        self.call_done(
+            Request::DeleteContainer(container_ref(id)),
+            "DeleteContainer",
+        )
+    }
+
+    /// Unpacks the layer uploaded on the stream opened with a `LayerUpload` header named
+    /// `request.upload_id`; the upload must be written concurrently (another thread), since
+    /// this waits, without a timeout, for the unpack to finish.
+    pub fn unpack_layer(
+        &mut self,
+        request: UnpackLayer,
+    ) -> Result<UnpackedLayer, AgentClientError> {
+        match self.call_unbounded(Request::UnpackLayer(request))? {
+            Response::Unpacked(unpacked) => Ok(unpacked),
+            _ => Err(AgentClientError::UnexpectedResponse("UnpackLayer")),
+        }
+    }
+
+    fn call_done(&mut self, request: Request, name: &'static str) -> Result<(), AgentClientError> {
+        match self.call(request)? {
+            Response::Done => Ok(()),
+            _ => Err(AgentClientError::UnexpectedResponse(name)),
+        }
+    }
+
+    /// [`AgentClient::call`] without the read timeout, for requests that last as long as a
+    /// process does.
+    fn call_unbounded(&mut self, request: Request) -> Result<Response, AgentClientError> {
+        let timeout = self.stream.read_timeout().map_err(AgentClientError::Io)?;
+        self.stream
+            .set_read_timeout(None)
+            .map_err(AgentClientError::Io)?;
+        let response = self.call(request);
+        self.stream
+            .set_read_timeout(timeout)
+            .map_err(AgentClientError::Io)?;
+        response
+    }
+
     /// Sends one request and waits for its response.
     pub fn call(&mut self, request: Request) -> Result<Response, AgentClientError> {
         let id = self.next_id;
@@ -242,6 +446,10 @@ impl AgentClient {
         }
         response.result.map_err(AgentClientError::Agent)
     }
+}
+
+fn container_ref(id: &str) -> ContainerRef {
+    ContainerRef { id: id.to_owned() }
 }
 
 #[cfg(test)]
@@ -376,6 +584,35 @@ mod tests {
         drop(ReadyListener::bind(&path).unwrap());
 
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn open_stream_refused_header_is_stream_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let control = dir.path().join("agent.sock");
+        let listener = UnixListener::bind(stream_socket_path(&control)).unwrap();
+        let agent = thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let header: StreamHeader = read_frame(&mut stream).unwrap().unwrap();
+            let refusal = AgentError::new(AgentErrorKind::NotFound, header.container_id);
+            write_frame(
+                &mut stream,
+                &StreamAccept {
+                    result: Err(refusal),
+                },
+            )
+            .unwrap();
+        });
+        let header = StreamHeader {
+            container_id: "ghost".into(),
+            exec_id: None,
+            kind: agent_protocol::StreamKind::Stdout,
+        };
+
+        let err = open_stream(&control, &header, Duration::from_secs(5)).unwrap_err();
+
+        assert!(matches!(err, AgentClientError::StreamRefused(e) if e.message == "ghost"));
+        agent.join().unwrap();
     }
 
     #[test]
