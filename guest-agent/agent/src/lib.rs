@@ -26,6 +26,7 @@ pub mod log;
 pub mod notify;
 pub mod power;
 pub mod reaper;
+pub mod rootfs;
 pub mod server;
 pub mod session;
 pub mod streams;
@@ -75,6 +76,13 @@ pub fn run() -> ExitCode {
 /// PID 1: set the machine up, then serve vsock forever. Command-line arguments are ignored: the
 /// kernel hands init every unknown word of its command line, so they are not ours to parse.
 fn run_pid1() -> ! {
+    // First of all, while no thread exists: on success this re-executes the agent.
+    if let Err(e) = rootfs::leave_initramfs() {
+        console!(
+            "staying on the initramfs, containers cannot start: {}",
+            Chain(&e)
+        );
+    }
     // Before any thread exists, so every thread inherits the mask (see `reaper`).
     if let Err(e) = reaper::block_sigchld() {
         console!(
