@@ -13,6 +13,7 @@ use berth_container::docker_default_spec;
 use berth_engine::agent_client::open_stream_vsock;
 use berth_engine::{StopOutcome, Vm};
 use berth_tests::{skip, TestVm};
+use oci_spec::runtime::{LinuxMemoryBuilder, LinuxPidsBuilder, LinuxResourcesBuilder, Spec};
 
 /// Where the layer is unpacked in the guest: an existing, empty tmpfs directory of the
 /// agent-only initramfs.
@@ -31,8 +32,14 @@ fn busybox_layer(dir: &Path) -> Result<Vec<u8>, String> {
         std::fs::create_dir_all(root.join(sub)).map_err(|e| e.to_string())?;
     }
     std::fs::copy(busybox, root.join("bin/busybox")).map_err(|e| e.to_string())?;
-    for applet in ["sh", "echo", "cat", "readlink"] {
-        symlink("busybox", root.join("bin").join(applet)).map_err(|e| e.to_string())?;
+    let list = Command::new(busybox)
+        .arg("--list")
+        .output()
+        .map_err(|e| e.to_string())?;
+    for applet in String::from_utf8_lossy(&list.stdout).split_whitespace() {
+        if applet != "busybox" {
+            symlink("busybox", root.join("bin").join(applet)).map_err(|e| e.to_string())?;
+        }
     }
     std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n")
         .map_err(|e| e.to_string())?;
@@ -66,75 +73,252 @@ fn read_all(mut stream: std::os::unix::net::UnixStream) -> thread::JoinHandle<Ve
     })
 }
 
-#[test]
-fn vm_container_runs_in_guest_with_streams_and_exit_code() {
-    let fixture = match TestVm::new() {
-        Ok(f) => f,
-        Err(reason) => return skip(&reason),
-    };
-    let layer = match busybox_layer(fixture.dir.path()) {
-        Ok(layer) => layer,
-        Err(reason) => return skip(&reason),
-    };
-    let config = fixture.config();
-    let uds = config.vsock_socket();
-    let (vm, mut agent) = Vm::start(&fixture.backend, &config).expect("boot");
+/// What one container run produced.
+struct Outcome {
+    exit: agent_protocol::ExitInfo,
+    stdout: String,
+    stderr: String,
+}
 
-    // The root filesystem travels on its own stream, as every bulk transfer does.
-    let mut upload = stream(&uds, "busybox", StreamKind::LayerUpload);
-    let writer = thread::spawn(move || {
-        upload.write_all(&layer).expect("upload");
-        upload
-            .shutdown(std::net::Shutdown::Write)
-            .expect("half-close");
-    });
-    let unpacked = agent
-        .unpack_layer(UnpackLayer {
-            upload_id: "busybox".into(),
-            dir: PathBuf::from(GUEST_ROOTFS),
-            allow_devices: false,
+/// A booted VM with the busybox layer unpacked at [`GUEST_ROOTFS`], driven through its agent.
+struct Guest {
+    vm: Vm,
+    agent: berth_engine::AgentClient,
+    uds: PathBuf,
+    /// Keeps the fixture (and the VM lock) for the guest's lifetime.
+    _fixture: TestVm,
+}
+
+impl Guest {
+    /// Boots a VM and uploads the layer, or says why it cannot here.
+    fn boot() -> Result<Self, String> {
+        let fixture = TestVm::new()?;
+        let layer = busybox_layer(fixture.dir.path())?;
+        let config = fixture.config();
+        let uds = config.vsock_socket();
+        let (vm, mut agent) = Vm::start(&fixture.backend, &config).expect("boot");
+        // The root filesystem travels on its own stream, as every bulk transfer does.
+        let mut upload = stream(&uds, "busybox", StreamKind::LayerUpload);
+        let writer = thread::spawn(move || {
+            upload.write_all(&layer).expect("upload");
+            upload
+                .shutdown(std::net::Shutdown::Write)
+                .expect("half-close");
+        });
+        let unpacked = agent
+            .unpack_layer(UnpackLayer {
+                upload_id: "busybox".into(),
+                dir: PathBuf::from(GUEST_ROOTFS),
+                allow_devices: false,
+            })
+            .expect("unpack");
+        writer.join().expect("writer");
+        assert!(unpacked.entries >= 10, "{unpacked:?}");
+        Ok(Self {
+            vm,
+            agent,
+            uds,
+            _fixture: fixture,
         })
-        .expect("unpack");
-    writer.join().expect("writer");
-    let script = "echo out; echo err >&2; echo pid=$$; readlink /proc/self/ns/pid; exit 7";
-    let spec = docker_default_spec(vec!["sh".into(), "-c".into(), script.into()]).expect("spec");
-    agent
-        .create_container(CreateContainer {
-            id: "c1".into(),
-            config: Box::new(ContainerConfig {
-                spec,
-                rootfs: PathBuf::from(GUEST_ROOTFS),
-                overlay: None,
-                cgroup_parent: PathBuf::from("berth-test"),
-                hostname_file: Some("c1\n".into()),
-                hosts_file: None,
-                resolv_conf_file: None,
-                seccomp_unconfined: false,
-            }),
+    }
+
+    /// Creates container `id` running `args` (spec adjusted by `adjust`), attaches its output,
+    /// starts it, waits for it and deletes it.
+    fn run(&mut self, id: &str, args: &[&str], adjust: impl FnOnce(&mut Spec)) -> Outcome {
+        let id = self.create(id, args, adjust);
+        let stdout = read_all(stream(&self.uds, &id, StreamKind::Stdout));
+        let stderr = read_all(stream(&self.uds, &id, StreamKind::Stderr));
+        self.agent.start_container(&id).expect("start");
+        let exit = self.agent.wait_container(&id).expect("wait");
+        let outcome = Outcome {
+            exit,
+            stdout: String::from_utf8_lossy(&stdout.join().expect("stdout")).into_owned(),
+            stderr: String::from_utf8_lossy(&stderr.join().expect("stderr")).into_owned(),
+        };
+        self.agent.delete_container(&id).expect("delete");
+        outcome
+    }
+
+    fn create(&mut self, id: &str, args: &[&str], adjust: impl FnOnce(&mut Spec)) -> String {
+        let mut spec =
+            docker_default_spec(args.iter().map(|a| a.to_string()).collect()).expect("spec");
+        adjust(&mut spec);
+        self.agent
+            .create_container(CreateContainer {
+                id: id.into(),
+                config: Box::new(ContainerConfig {
+                    spec,
+                    rootfs: PathBuf::from(GUEST_ROOTFS),
+                    overlay: None,
+                    cgroup_parent: PathBuf::from("berth-test"),
+                    hostname_file: Some(format!("{id}\n")),
+                    hosts_file: None,
+                    resolv_conf_file: None,
+                    seccomp_unconfined: false,
+                }),
+                stdin: false,
+                tty: false,
+            })
+            .expect("create");
+        id.to_string()
+    }
+
+    /// Powers the guest off; it must go cleanly.
+    fn stop(self) {
+        drop(self.agent);
+        assert_eq!(self.vm.stop(Duration::from_secs(60)), StopOutcome::Clean);
+    }
+}
+
+/// Boots the guest or skips (fails under CI) with the reason.
+macro_rules! guest_or_skip {
+    () => {
+        match Guest::boot() {
+            Ok(guest) => guest,
+            Err(reason) => return skip(&reason),
+        }
+    };
+}
+
+#[test]
+fn vm_container_exit_code_streams_and_pid_namespace() {
+    let mut guest = guest_or_skip!();
+
+    let out = guest.run(
+        "c1",
+        &[
+            "sh",
+            "-c",
+            "echo out; echo err >&2; echo pid=$$; hostname; exit 7",
+        ],
+        |spec| {
+            spec.set_hostname(Some("c1".into()));
+        },
+    );
+    guest.stop();
+
+    assert_eq!(out.exit.code, 7);
+    // The container's init is PID 1 of its own pid namespace, in its own uts namespace.
+    assert_eq!(out.stdout, "out\npid=1\nc1\n");
+    assert_eq!(out.stderr, "err\n");
+}
+
+#[test]
+fn vm_container_memory_limit_is_oom_killed() {
+    let mut guest = guest_or_skip!();
+    /// 32 MiB with no swap: `tail /dev/zero` buffers an endless line until the OOM killer.
+    const LIMIT: i64 = 32 << 20;
+
+    let out = guest.run("oom", &["tail", "/dev/zero"], |spec| {
+        let memory = LinuxMemoryBuilder::default()
+            .limit(LIMIT)
+            .swap(LIMIT)
+            .build()
+            .expect("memory");
+        let resources = LinuxResourcesBuilder::default()
+            .memory(memory)
+            .build()
+            .expect("resources");
+        if let Some(linux) = spec.linux_mut() {
+            linux.set_resources(Some(resources));
+        }
+    });
+    guest.stop();
+
+    assert!(
+        out.exit.oom_killed,
+        "not reported as OOM: {}",
+        out.exit.code
+    );
+    assert_eq!(out.exit.code, 137);
+}
+
+#[test]
+fn vm_container_pids_limit_stops_fork_bomb() {
+    let mut guest = guest_or_skip!();
+    const PIDS: i64 = 16;
+    // Each "started" is a fork that succeeded; the shell gives up at the first refused fork.
+    let script = "for i in $(seq 1 50); do sleep 5 & echo started; done; echo done";
+
+    let out = guest.run("pids", &["sh", "-c", script], |spec| {
+        let pids = LinuxPidsBuilder::default()
+            .limit(PIDS)
+            .build()
+            .expect("pids");
+        let resources = LinuxResourcesBuilder::default()
+            .pids(pids)
+            .build()
+            .expect("resources");
+        if let Some(linux) = spec.linux_mut() {
+            linux.set_resources(Some(resources));
+        }
+    });
+    guest.stop();
+
+    let started = out.stdout.lines().filter(|l| *l == "started").count() as i64;
+    assert!(started < PIDS, "{started} forks despite pids.max {PIDS}");
+    assert!(!out.stdout.contains("done"), "{}", out.stdout);
+}
+
+#[test]
+fn vm_container_readonly_rootfs_refuses_writes() {
+    let mut guest = guest_or_skip!();
+
+    let out = guest.run("ro", &["touch", "/written"], |spec| {
+        if let Some(root) = spec.root_mut() {
+            root.set_readonly(Some(true));
+        }
+    });
+    guest.stop();
+
+    assert_ne!(out.exit.code, 0);
+    assert!(
+        out.stderr.contains("Read-only file system"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn vm_container_sigkill_is_137_and_exec_sees_its_pid_namespace() {
+    let mut guest = guest_or_skip!();
+    let id = guest.create("exec", &["sleep", "100"], |_| {});
+    guest.agent.start_container(&id).expect("start");
+    let mut process = docker_default_spec(vec![
+        "sh".into(),
+        "-c".into(),
+        "tr '\\0' ' ' < /proc/1/cmdline".into(),
+    ])
+    .expect("spec")
+    .process()
+    .clone()
+    .expect("process");
+    process.set_terminal(Some(false));
+    guest
+        .agent
+        .exec_process(agent_protocol::ExecProcess {
+            id: id.clone(),
+            exec_id: "e1".into(),
+            process: Box::new(process),
             stdin: false,
             tty: false,
         })
-        .expect("create");
-    let stdout = read_all(stream(&uds, "c1", StreamKind::Stdout));
-    let stderr = read_all(stream(&uds, "c1", StreamKind::Stderr));
-    agent.start_container("c1").expect("start");
-    let exit = agent.wait_container("c1").expect("wait");
-    let stdout = String::from_utf8(stdout.join().expect("stdout")).expect("utf8");
-    let stderr = String::from_utf8(stderr.join().expect("stderr")).expect("utf8");
-    agent.delete_container("c1").expect("delete");
-    drop(agent);
-    let outcome = vm.stop(Duration::from_secs(60));
+        .expect("exec");
+    let header = StreamHeader {
+        container_id: id.clone(),
+        exec_id: Some("e1".into()),
+        kind: StreamKind::Stdout,
+    };
+    let exec_out =
+        read_all(open_stream_vsock(&guest.uds, &header, STREAM_TIMEOUT).expect("stream"));
+    let exec_exit = guest.agent.wait_exec(&id, "e1").expect("wait exec");
+    let exec_stdout = String::from_utf8_lossy(&exec_out.join().expect("exec out")).into_owned();
+    guest.agent.signal_container(&id, None, 9).expect("kill");
+    let exit = guest.agent.wait_container(&id).expect("wait");
+    guest.agent.delete_container(&id).expect("delete");
+    guest.stop();
 
-    assert!(unpacked.entries >= 10, "{unpacked:?}");
-    assert_eq!(exit.code, 7);
-    let mut lines = stdout.lines();
-    assert_eq!(lines.next(), Some("out"));
-    // The container's init is PID 1 of a pid namespace of its own.
-    assert_eq!(lines.next(), Some("pid=1"));
-    assert!(
-        lines.next().is_some_and(|ns| ns.starts_with("pid:[")),
-        "{stdout}"
-    );
-    assert_eq!(stderr, "err\n");
-    assert_eq!(outcome, StopOutcome::Clean);
+    assert_eq!(exec_exit.code, 0);
+    assert_eq!(exec_stdout.trim(), "sleep 100");
+    assert_eq!(exit.code, 137);
 }
