@@ -140,6 +140,16 @@ impl Guest {
     }
 
     fn create(&mut self, id: &str, args: &[&str], adjust: impl FnOnce(&mut Spec)) -> String {
+        self.create_with_tty(id, args, false, adjust)
+    }
+
+    fn create_with_tty(
+        &mut self,
+        id: &str,
+        args: &[&str],
+        tty: bool,
+        adjust: impl FnOnce(&mut Spec),
+    ) -> String {
         let mut spec =
             docker_default_spec(args.iter().map(|a| a.to_string()).collect()).expect("spec");
         adjust(&mut spec);
@@ -157,7 +167,7 @@ impl Guest {
                     seccomp_unconfined: false,
                 }),
                 stdin: false,
-                tty: false,
+                tty,
             })
             .expect("create");
         id.to_string()
@@ -321,4 +331,30 @@ fn vm_container_sigkill_is_137_and_exec_sees_its_pid_namespace() {
     assert_eq!(exec_exit.code, 0);
     assert_eq!(exec_stdout.trim(), "sleep 100");
     assert_eq!(exit.code, 137);
+}
+
+#[test]
+fn vm_container_tty_sees_the_size_the_host_set() {
+    let mut guest = guest_or_skip!();
+    /// Not the 80x24 a terminal defaults to, so the answer proves the resize arrived.
+    const ROWS: u16 = 33;
+    const COLS: u16 = 111;
+    let id = guest.create_with_tty("tty", &["stty", "size"], true, |spec| {
+        if let Some(process) = spec.process_mut() {
+            process.set_terminal(Some(true));
+        }
+    });
+    let pty = read_all(stream(&guest.uds, &id, StreamKind::Pty));
+    guest
+        .agent
+        .resize_pty(&id, None, ROWS, COLS)
+        .expect("resize");
+    guest.agent.start_container(&id).expect("start");
+    let exit = guest.agent.wait_container(&id).expect("wait");
+    let output = String::from_utf8_lossy(&pty.join().expect("pty")).into_owned();
+    guest.agent.delete_container(&id).expect("delete");
+    guest.stop();
+
+    assert_eq!(exit.code, 0);
+    assert_eq!(output.trim(), format!("{ROWS} {COLS}"));
 }
