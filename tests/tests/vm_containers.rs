@@ -73,6 +73,13 @@ fn read_all(mut stream: std::os::unix::net::UnixStream) -> thread::JoinHandle<Ve
     })
 }
 
+/// How a container's init is attached.
+#[derive(Debug, Default, Clone, Copy)]
+struct Stdio {
+    stdin: bool,
+    tty: bool,
+}
+
 /// What one container run produced.
 struct Outcome {
     exit: agent_protocol::ExitInfo,
@@ -140,14 +147,14 @@ impl Guest {
     }
 
     fn create(&mut self, id: &str, args: &[&str], adjust: impl FnOnce(&mut Spec)) -> String {
-        self.create_with_tty(id, args, false, adjust)
+        self.create_with(id, args, Stdio::default(), adjust)
     }
 
-    fn create_with_tty(
+    fn create_with(
         &mut self,
         id: &str,
         args: &[&str],
-        tty: bool,
+        stdio: Stdio,
         adjust: impl FnOnce(&mut Spec),
     ) -> String {
         let mut spec =
@@ -166,8 +173,8 @@ impl Guest {
                     resolv_conf_file: None,
                     seccomp_unconfined: false,
                 }),
-                stdin: false,
-                tty,
+                stdin: stdio.stdin,
+                tty: stdio.tty,
             })
             .expect("create");
         id.to_string()
@@ -339,7 +346,11 @@ fn vm_container_tty_sees_the_size_the_host_set() {
     /// Not the 80x24 a terminal defaults to, so the answer proves the resize arrived.
     const ROWS: u16 = 33;
     const COLS: u16 = 111;
-    let id = guest.create_with_tty("tty", &["stty", "size"], true, |spec| {
+    let stdio = Stdio {
+        stdin: false,
+        tty: true,
+    };
+    let id = guest.create_with("tty", &["stty", "size"], stdio, |spec| {
         if let Some(process) = spec.process_mut() {
             process.set_terminal(Some(true));
         }
@@ -357,4 +368,49 @@ fn vm_container_tty_sees_the_size_the_host_set() {
 
     assert_eq!(exit.code, 0);
     assert_eq!(output.trim(), format!("{ROWS} {COLS}"));
+}
+
+#[test]
+fn vm_container_ten_megabytes_of_output_arrive_byte_exact() {
+    let mut guest = guest_or_skip!();
+    /// Enough to fill every buffer between the process and the host many times over.
+    const SIZE: usize = 10 << 20;
+    const LINE: &str = "0123456789abcdefghijklmnopqrstuvwxyz\n";
+    let script = format!("yes 0123456789abcdefghijklmnopqrstuvwxyz | head -c {SIZE}");
+
+    let out = guest.run("big", &["sh", "-c", &script], |_| {});
+    guest.stop();
+
+    let expected: String = LINE.repeat(SIZE / LINE.len() + 1)[..SIZE].to_string();
+    assert_eq!(out.exit.code, 0);
+    assert_eq!(out.stdout.len(), SIZE);
+    assert!(
+        out.stdout == expected,
+        "output differs from what was written"
+    );
+}
+
+#[test]
+fn vm_container_stdin_stream_reaches_process_and_its_end_is_eof() {
+    let mut guest = guest_or_skip!();
+    let stdio = Stdio {
+        stdin: true,
+        tty: false,
+    };
+    let id = guest.create_with("cat", &["cat"], stdio, |_| {});
+    let stdout = read_all(stream(&guest.uds, &id, StreamKind::Stdout));
+    let mut stdin = stream(&guest.uds, &id, StreamKind::Stdin);
+    guest.agent.start_container(&id).expect("start");
+    stdin.write_all(b"through stdin\n").expect("write stdin");
+    // The half-close is the process's end of input: `cat` must then exit by itself.
+    stdin
+        .shutdown(std::net::Shutdown::Write)
+        .expect("half-close stdin");
+    let exit = guest.agent.wait_container(&id).expect("wait");
+    let output = String::from_utf8_lossy(&stdout.join().expect("stdout")).into_owned();
+    guest.agent.delete_container(&id).expect("delete");
+    guest.stop();
+
+    assert_eq!(exit.code, 0);
+    assert_eq!(output, "through stdin\n");
 }
