@@ -371,26 +371,6 @@ fn vm_container_tty_sees_the_size_the_host_set() {
 }
 
 #[test]
-fn vm_container_ten_megabytes_of_output_arrive_byte_exact() {
-    let mut guest = guest_or_skip!();
-    /// Enough to fill every buffer between the process and the host many times over.
-    const SIZE: usize = 10 << 20;
-    const LINE: &str = "0123456789abcdefghijklmnopqrstuvwxyz\n";
-    let script = format!("yes 0123456789abcdefghijklmnopqrstuvwxyz | head -c {SIZE}");
-
-    let out = guest.run("big", &["sh", "-c", &script], |_| {});
-    guest.stop();
-
-    let expected: String = LINE.repeat(SIZE / LINE.len() + 1)[..SIZE].to_string();
-    assert_eq!(out.exit.code, 0);
-    assert_eq!(out.stdout.len(), SIZE);
-    assert!(
-        out.stdout == expected,
-        "output differs from what was written"
-    );
-}
-
-#[test]
 fn vm_container_stdin_stream_reaches_process_and_its_end_is_eof() {
     let mut guest = guest_or_skip!();
     let stdio = Stdio {
