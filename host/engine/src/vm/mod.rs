@@ -152,8 +152,7 @@ impl VmConfig {
 
     /// Where the agent's readiness notice arrives (hybrid vsock: `<socket>_<port>`).
     pub fn ready_socket(&self) -> PathBuf {
-        self.state_dir
-            .join(format!("{VSOCK_SOCKET}_{}", agent_protocol::READY_PORT))
+        ready_socket(&self.state_dir)
     }
 
     /// The guest's serial console, as a file the user can read.
@@ -464,9 +463,7 @@ impl Vm {
 
     /// Removes the state file and sockets; keeps the console log for `berth vm logs`.
     fn forget(&self) {
-        let ready = format!("{VSOCK_SOCKET}_{}", agent_protocol::READY_PORT);
-        for name in [STATE_FILE, VSOCK_SOCKET, ready.as_str()] {
-            let path = self.state_dir.join(name);
+        for path in runtime_files(&self.state_dir) {
             if let Err(e) = fs::remove_file(&path) {
                 if e.kind() != io::ErrorKind::NotFound {
                     debug!(path = %path.display(), error = %e, "cannot remove");
@@ -497,6 +494,21 @@ impl Vm {
     }
 }
 
+/// The readiness socket in a state directory (hybrid vsock: `<socket>_<port>`).
+fn ready_socket(state_dir: &Path) -> PathBuf {
+    state_dir.join(format!("{VSOCK_SOCKET}_{}", agent_protocol::READY_PORT))
+}
+
+/// The files a running VM owns in its state directory, besides the backend's own and the
+/// console log (kept for `berth vm logs`).
+fn runtime_files(state_dir: &Path) -> [PathBuf; 3] {
+    [
+        state_dir.join(STATE_FILE),
+        state_dir.join(VSOCK_SOCKET),
+        ready_socket(state_dir),
+    ]
+}
+
 fn prepare_state_dir(config: &VmConfig) -> Result<(), VmError> {
     let dir = &config.state_dir;
     let state_err = |source| VmError::StateDir {
@@ -515,8 +527,8 @@ fn prepare_state_dir(config: &VmConfig) -> Result<(), VmError> {
             }
         }
     }
-    for name in [STATE_FILE, VSOCK_SOCKET] {
-        match fs::remove_file(dir.join(name)) {
+    for path in runtime_files(dir) {
+        match fs::remove_file(path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(state_err(e)),
