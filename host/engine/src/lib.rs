@@ -3,9 +3,11 @@
 
 pub mod agent_client;
 pub mod assets;
+pub mod error;
 pub mod host;
 pub mod vm;
 
 pub use agent_client::{AgentClient, AgentClientError};
+pub use error::ErrorKind;
 pub use agent_protocol::SystemInfo;
 pub use vm::{select_backend, StopOutcome, Vm, VmBackend, VmConfig, VmError};

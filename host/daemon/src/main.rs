@@ -1,0 +1,3 @@
+//! berthd.
+
+fn main() {}
