@@ -72,6 +72,10 @@ pub enum ContainersError {
     KillTimeout(Duration),
     #[error("no layer upload {0:?} arrived")]
     NoUpload(String),
+    #[error("{0} is not a normalised absolute path below the storage root")]
+    OutsideStorage(PathBuf),
+    #[error("the layer directory {0} already holds files")]
+    LayerExists(PathBuf),
     #[error("cannot {op} {path}")]
     State {
         op: &'static str,
@@ -92,6 +96,8 @@ pub enum ContainersError {
 pub struct ContainersConfig {
     /// Per-container state (the `/etc` files) goes to `<state_dir>/<id>`.
     pub state_dir: PathBuf,
+    /// Where the host keeps layers and writable layers; `CreateDirs`/`RemoveDirs` stay below.
+    pub storage_root: PathBuf,
     /// The cgroup v2 mount point.
     pub cgroup_root: PathBuf,
     /// The binary the container library re-executes for setup (the agent itself).
@@ -590,17 +596,99 @@ impl Containers {
         self.upload_arrived.notify_all();
     }
 
-    /// Unpacks the layer uploaded as `request.upload_id` into `request.dir`.
+    /// The directory below which `CreateDirs` and `RemoveDirs` act.
+    pub fn storage_root(&self) -> &Path {
+        &self.config.storage_root
+    }
+
+    /// Unpacks the layer uploaded as `request.upload_id` into `request.dir`: in place if the
+    /// directory exists (it must be empty), else into `<dir>.partial`, renamed into place once
+    /// complete.
     pub fn do_unpack_layer(&self, request: &UnpackLayer) -> Result<UnpackedLayer, ContainersError> {
         let upload = self.take_upload(&request.upload_id)?;
         let options = UnpackOptions {
             allow_devices: request.allow_devices,
         };
-        let summary = unpack_layer(upload, &request.dir, &options)?;
-        Ok(UnpackedLayer {
-            entries: summary.entries,
-            bytes: summary.bytes,
-        })
+        let in_place = match fs::read_dir(&request.dir) {
+            Ok(mut entries) => match entries.next() {
+                None => true,
+                Some(_) => return Err(ContainersError::LayerExists(request.dir.clone())),
+            },
+            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+            Err(source) => {
+                return Err(ContainersError::State {
+                    op: "read",
+                    path: request.dir.clone(),
+                    source,
+                })
+            }
+        };
+        if in_place {
+            return Ok(unpacked(unpack_layer(upload, &request.dir, &options)?));
+        }
+        let mut partial = request.dir.clone().into_os_string();
+        partial.push(".partial");
+        let partial = PathBuf::from(partial);
+        // Left over from an unpack cut short: never complete, so never used.
+        remove_dir_if_present(&partial)?;
+        fs::create_dir_all(&partial).map_err(|source| ContainersError::State {
+            op: "create",
+            path: partial.clone(),
+            source,
+        })?;
+        let summary = match unpack_layer(upload, &partial, &options) {
+            Ok(summary) => summary,
+            Err(e) => {
+                let _ = fs::remove_dir_all(&partial);
+                return Err(e.into());
+            }
+        };
+        fs::rename(&partial, &request.dir).map_err(|source| ContainersError::State {
+            op: "rename into place",
+            path: request.dir.clone(),
+            source,
+        })?;
+        Ok(unpacked(summary))
+    }
+
+    /// Creates `paths` (with parents), each strictly below the storage root.
+    pub fn do_create_dirs(&self, paths: &[PathBuf]) -> Result<(), ContainersError> {
+        for path in paths {
+            self.check_storage_path(path)?;
+        }
+        for path in paths {
+            fs::create_dir_all(path).map_err(|source| ContainersError::State {
+                op: "create",
+                path: path.clone(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Removes `paths` and their contents, each strictly below the storage root. A writable
+    /// layer may still be an overlay's upper of a container not yet deleted: the host deletes
+    /// the container first.
+    pub fn do_remove_dirs(&self, paths: &[PathBuf]) -> Result<(), ContainersError> {
+        for path in paths {
+            self.check_storage_path(path)?;
+        }
+        paths.iter().try_for_each(|path| remove_dir_if_present(path))
+    }
+
+    fn check_storage_path(&self, path: &Path) -> Result<(), ContainersError> {
+        let below = path
+            .strip_prefix(&self.config.storage_root)
+            .is_ok_and(|rest| !rest.as_os_str().is_empty());
+        let normal = path
+            .components()
+            .skip(1)
+            .all(|c| matches!(c, std::path::Component::Normal(_)));
+        if path.is_absolute() && below && normal {
+            Ok(())
+        } else {
+            Err(ContainersError::OutsideStorage(path.to_owned()))
+        }
     }
 
     fn take_upload(&self, upload_id: &str) -> Result<File, ContainersError> {
@@ -619,6 +707,25 @@ impl Containers {
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
         }
+    }
+}
+
+fn unpacked(summary: berth_container::unpack::UnpackSummary) -> UnpackedLayer {
+    UnpackedLayer {
+        entries: summary.entries,
+        bytes: summary.bytes,
+    }
+}
+
+fn remove_dir_if_present(path: &Path) -> Result<(), ContainersError> {
+    match fs::remove_dir_all(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(ContainersError::State {
+            op: "remove",
+            path: path.to_owned(),
+            source,
+        }),
     }
 }
 
@@ -759,6 +866,7 @@ mod tests {
             None,
             ContainersConfig {
                 state_dir: PathBuf::from("/nonexistent/state"),
+                storage_root: PathBuf::from("/nonexistent/storage"),
                 cgroup_root: PathBuf::from("/sys/fs/cgroup"),
                 init_binary: PathBuf::from("/proc/self/exe"),
             },
@@ -823,5 +931,61 @@ mod tests {
             registry().do_signal("c1", None, 999),
             Err(ContainersError::BadSignal(999))
         ));
+    }
+
+    fn registry_with_storage(root: &Path) -> Containers {
+        Containers::new(
+            None,
+            ContainersConfig {
+                storage_root: root.to_owned(),
+                ..registry().config
+            },
+        )
+    }
+
+    #[test]
+    fn do_create_dirs_below_root_creates_parents() {
+        let root = tempfile::tempdir().unwrap();
+        let registry = registry_with_storage(root.path());
+        let dir = root.path().join("containers/c1/upper");
+
+        registry.do_create_dirs(std::slice::from_ref(&dir)).unwrap();
+
+        assert!(dir.is_dir());
+    }
+
+    #[test]
+    fn do_create_dirs_with_dot_dot_is_refused_and_creates_nothing() {
+        let root = tempfile::tempdir().unwrap();
+        let registry = registry_with_storage(&root.path().join("storage"));
+        let inside = root.path().join("storage/a");
+        let escaping = root.path().join("storage/../escaped");
+
+        let result = registry.do_create_dirs(&[inside.clone(), escaping]);
+
+        assert!(matches!(result, Err(ContainersError::OutsideStorage(_))));
+        assert!(!inside.exists());
+        assert!(!root.path().join("escaped").exists());
+    }
+
+    #[test]
+    fn do_remove_dirs_of_the_root_itself_is_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let registry = registry_with_storage(root.path());
+
+        let result = registry.do_remove_dirs(&[root.path().to_owned()]);
+
+        assert!(matches!(result, Err(ContainersError::OutsideStorage(_))));
+        assert!(root.path().is_dir());
+    }
+
+    #[test]
+    fn do_remove_dirs_missing_is_not_an_error() {
+        let root = tempfile::tempdir().unwrap();
+        let registry = registry_with_storage(root.path());
+
+        registry
+            .do_remove_dirs(&[root.path().join("layers/gone")])
+            .unwrap();
     }
 }

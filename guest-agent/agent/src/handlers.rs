@@ -9,7 +9,8 @@ use std::sync::Arc;
 
 use agent_protocol::{
     negotiate_version, AgentError, AgentErrorKind, ContainerRef, CreateContainer, ExecProcess,
-    ExecRef, Hello, HelloAck, ProcessRef, ResizePty, Response, SignalProcess, UnpackLayer,
+    ExecRef, Hello, HelloAck, ProcessRef, ResizePty, Response, SignalProcess, StorageDirs,
+    UnpackLayer,
     MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use berth_container::unpack::UnpackError;
@@ -53,6 +54,7 @@ impl AgentContext {
             None,
             ContainersConfig {
                 state_dir: PathBuf::from("/nonexistent"),
+                storage_root: PathBuf::from("/nonexistent/storage"),
                 cgroup_root: PathBuf::from(crate::init::CGROUP_ROOT),
                 init_binary: PathBuf::from("/proc/self/exe"),
             },
@@ -87,6 +89,7 @@ pub fn hello(context: &AgentContext, hello: &Hello) -> Result<HelloAck, AgentErr
         version,
         agent_version: AGENT_VERSION.to_owned(),
         boot_id: context.boot_id.clone(),
+        storage_root: context.containers.storage_root().to_owned(),
     })
 }
 
@@ -305,6 +308,24 @@ pub fn unpack_layer(context: &AgentContext, request: &UnpackLayer) -> Result<Res
         .map_err(|e| container_error(&e))
 }
 
+/// `CreateDirs`.
+pub fn create_dirs(context: &AgentContext, request: &StorageDirs) -> Result<Response, AgentError> {
+    context
+        .containers
+        .do_create_dirs(&request.paths)
+        .map(|()| Response::Done)
+        .map_err(|e| container_error(&e))
+}
+
+/// `RemoveDirs`.
+pub fn remove_dirs(context: &AgentContext, request: &StorageDirs) -> Result<Response, AgentError> {
+    context
+        .containers
+        .do_remove_dirs(&request.paths)
+        .map(|()| Response::Done)
+        .map_err(|e| container_error(&e))
+}
+
 /// Maps a container failure onto the wire: what the host named wrongly, what conflicts with
 /// the current state, what the layer or config got wrong, and the rest as internal.
 pub fn container_error(error: &ContainersError) -> AgentError {
@@ -314,10 +335,12 @@ pub fn container_error(error: &ContainersError) -> AgentError {
         | ContainersError::NoUpload(_) => AgentErrorKind::NotFound,
         ContainersError::Exists(_)
         | ContainersError::ExecExists { .. }
+        | ContainersError::LayerExists(_)
         | ContainersError::NotAttachable(_)
         | ContainersError::NoTerminal
         | ContainersError::Container(ContainerError::State(_)) => AgentErrorKind::Conflict,
         ContainersError::BadSignal(_)
+        | ContainersError::OutsideStorage(_)
         | ContainersError::Container(ContainerError::Spec(_))
         | ContainersError::Unpack(
             UnpackError::BadPath { .. }
@@ -366,6 +389,7 @@ mod tests {
                 version: PROTOCOL_VERSION,
                 agent_version: AGENT_VERSION.to_owned(),
                 boot_id: "boot-1".to_owned(),
+                storage_root: PathBuf::from("/nonexistent/storage"),
             }
         );
     }

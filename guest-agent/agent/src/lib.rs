@@ -94,7 +94,11 @@ fn run_pid1() -> ! {
     entropy::spawn_seeder();
     let containers = Arc::new(Containers::new(
         start_reaper(Mode::Pid1),
-        containers_config(Path::new(PID1_STATE_DIR), PathBuf::from(init::CGROUP_ROOT)),
+        containers_config(
+            Path::new(PID1_STATE_DIR),
+            Path::new(PID1_STORAGE_ROOT),
+            PathBuf::from(init::CGROUP_ROOT),
+        ),
     ));
     let streams = Listen::Vsock { port: STREAM_PORT };
     if let Err(e) = streams::spawn(streams, Arc::clone(&containers), true) {
@@ -134,13 +138,15 @@ fn run_native() -> ExitCode {
             Chain(&e)
         );
     }
-    let (state_dir, streams) = match &listen {
+    let (state_dir, storage_root, streams) = match &listen {
         Listen::Unix(path) => (
             PathBuf::from(format!("{}.state", path.display())),
+            PathBuf::from(format!("{}.storage", path.display())),
             Listen::Unix(stream_socket_path(path)),
         ),
         Listen::Vsock { .. } => (
             PathBuf::from(PID1_STATE_DIR),
+            PathBuf::from(PID1_STORAGE_ROOT),
             Listen::Vsock { port: STREAM_PORT },
         ),
     };
@@ -149,7 +155,7 @@ fn run_native() -> ExitCode {
         containers::cgroup2_mount(&mountinfo).unwrap_or_else(|| PathBuf::from(init::CGROUP_ROOT));
     let containers = Arc::new(Containers::new(
         start_reaper(Mode::Native),
-        containers_config(&state_dir, cgroup_root),
+        containers_config(&state_dir, &storage_root, cgroup_root),
     ));
     let listener = match server::bind(&listen) {
         Ok(listener) => listener,
@@ -172,9 +178,18 @@ fn run_native() -> ExitCode {
 /// Where PID 1 keeps per-container state (a tmpfs: it dies with the VM, as containers do).
 const PID1_STATE_DIR: &str = "/run/berth/containers";
 
-fn containers_config(state_dir: &Path, cgroup_root: PathBuf) -> ContainersConfig {
+/// Where PID 1 keeps layers and writable layers. On the root tmpfs until the data disk
+/// exists, so the host uploads layers again after every boot.
+const PID1_STORAGE_ROOT: &str = "/var/lib/berth";
+
+fn containers_config(
+    state_dir: &Path,
+    storage_root: &Path,
+    cgroup_root: PathBuf,
+) -> ContainersConfig {
     ContainersConfig {
         state_dir: state_dir.to_owned(),
+        storage_root: storage_root.to_owned(),
         cgroup_root,
         // The container library re-executes the agent; `main` serves that first thing.
         init_binary: PathBuf::from("/proc/self/exe"),

@@ -246,6 +246,16 @@ impl Session<'_> {
                 handlers::unpack_layer(self.context, &body),
                 Then::Continue,
             ),
+            (Some(_), Request::CreateDirs(body)) => Step::answer(
+                id,
+                handlers::create_dirs(self.context, &body),
+                Then::Continue,
+            ),
+            (Some(_), Request::RemoveDirs(body)) => Step::answer(
+                id,
+                handlers::remove_dirs(self.context, &body),
+                Then::Continue,
+            ),
             (Some(_), Request::Shutdown) => {
                 let result = handlers::shutdown();
                 let then = if result.is_ok() {
@@ -337,6 +347,8 @@ fn request_name(request: &Request) -> &'static str {
         Request::StatsContainer(_) => "StatsContainer",
         Request::DeleteContainer(_) => "DeleteContainer",
         Request::UnpackLayer(_) => "UnpackLayer",
+        Request::CreateDirs(_) => "CreateDirs",
+        Request::RemoveDirs(_) => "RemoveDirs",
     }
 }
 

@@ -142,15 +142,26 @@ pub struct ResizePty {
 
 /// Body of [`crate::Request::UnpackLayer`]: unpack the layer uploaded on the stream opened
 /// with a [`StreamKind::LayerUpload`] header whose `container_id` is `upload_id`.
+///
+/// If `dir` exists it must be empty and is filled in place. If it does not, the agent unpacks
+/// into a fresh sibling `<dir>.partial` and renames that into place only once the whole layer
+/// is in, so a layer directory is either complete or absent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UnpackLayer {
     /// The upload stream's name.
     pub upload_id: String,
-    /// The existing (empty) layer directory in the guest.
+    /// The layer directory in the guest.
     pub dir: PathBuf,
     /// Create device nodes found in the layer.
     #[serde(default)]
     pub allow_devices: bool,
+}
+
+/// Body of [`crate::Request::CreateDirs`] and [`crate::Request::RemoveDirs`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StorageDirs {
+    /// Absolute guest paths strictly below the agent's storage root, with no `..`.
+    pub paths: Vec<PathBuf>,
 }
 
 /// How a process ended: answer to wait requests.

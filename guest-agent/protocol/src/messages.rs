@@ -4,11 +4,13 @@
 //! answers with a [`ResponseEnvelope`] carrying the same id and either a [`Response`] or an
 //! [`AgentError`]. The first request on a connection must be [`Request::Hello`].
 
+use std::path::PathBuf;
+
 use serde::{Deserialize, Serialize};
 
 use crate::container::{
     ContainerRef, ContainerStats, CreateContainer, ExecProcess, ExecRef, ExitInfo, ProcessRef,
-    ResizePty, SignalProcess, TopInfo, UnpackLayer, UnpackedLayer,
+    ResizePty, SignalProcess, StorageDirs, TopInfo, UnpackLayer, UnpackedLayer,
 };
 
 /// A request with the id its response will carry.
@@ -72,6 +74,12 @@ pub enum Request {
     DeleteContainer(ContainerRef),
     /// Unpack a layer uploaded on a stream; answered with `Unpacked`.
     UnpackLayer(UnpackLayer),
+    /// Create directories (and their parents) under the agent's storage root; answered with
+    /// `Done`.
+    CreateDirs(StorageDirs),
+    /// Remove directories and everything in them under the agent's storage root; answered
+    /// with `Done`. Missing ones are not an error.
+    RemoveDirs(StorageDirs),
 }
 
 /// What the agent answers.
@@ -117,6 +125,10 @@ pub struct HelloAck {
     pub agent_version: String,
     /// Random per-boot identifier from the guest kernel, so the host can tell a rebooted guest.
     pub boot_id: String,
+    /// The guest directory under which the host keeps layers and containers' writable
+    /// layers; [`Request::CreateDirs`] and [`Request::RemoveDirs`] act only below it.
+    #[serde(default)]
+    pub storage_root: PathBuf,
 }
 
 /// Facts about the running guest.

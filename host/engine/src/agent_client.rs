@@ -20,7 +20,7 @@ use agent_protocol::{
     read_frame, stream_socket_path, write_frame, AgentError, ContainerRef, ContainerStats,
     CreateContainer, ExecProcess, ExecRef, ExitInfo, FrameError, Hello, HelloAck, ProcessRef,
     ReadyNotice, Request, RequestEnvelope, ResizePty, Response, ResponseEnvelope, SignalProcess,
-    StreamAccept, StreamHeader, SystemInfo, TopInfo, UnpackLayer, UnpackedLayer, CONTROL_PORT,
+    StorageDirs, StreamAccept, StreamHeader, SystemInfo, TopInfo, UnpackLayer, UnpackedLayer, CONTROL_PORT,
     MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, STREAM_PORT,
 };
 use thiserror::Error;
@@ -234,6 +234,7 @@ impl AgentClient {
                 version: 0,
                 agent_version: String::new(),
                 boot_id: String::new(),
+                storage_root: PathBuf::new(),
             },
         };
         let host_time_unix_nanos = SystemTime::now()
@@ -408,6 +409,16 @@ impl AgentClient {
         }
     }
 
+    /// Creates directories (with parents) under the agent's storage root.
+    pub fn create_dirs(&mut self, paths: Vec<PathBuf>) -> Result<(), AgentClientError> {
+        self.call_done(Request::CreateDirs(StorageDirs { paths }), "CreateDirs")
+    }
+
+    /// Removes directories and their contents under the agent's storage root.
+    pub fn remove_dirs(&mut self, paths: Vec<PathBuf>) -> Result<(), AgentClientError> {
+        self.call_done(Request::RemoveDirs(StorageDirs { paths }), "RemoveDirs")
+    }
+
     fn call_done(&mut self, request: Request, name: &'static str) -> Result<(), AgentClientError> {
         match self.call(request)? {
             Response::Done => Ok(()),
@@ -489,6 +500,7 @@ mod tests {
                 version: hello.max_version,
                 agent_version: "test".into(),
                 boot_id: "boot".into(),
+                storage_root: "/var/lib/berth".into(),
             }),
             Request::Ping => Response::Pong,
             _ => Response::Done,
