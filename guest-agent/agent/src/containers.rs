@@ -673,7 +673,9 @@ impl Containers {
         for path in paths {
             self.check_storage_path(path)?;
         }
-        paths.iter().try_for_each(|path| remove_dir_if_present(path))
+        paths
+            .iter()
+            .try_for_each(|path| remove_dir_if_present(path))
     }
 
     fn check_storage_path(&self, path: &Path) -> Result<(), ContainersError> {

@@ -10,8 +10,7 @@ use std::sync::Arc;
 use agent_protocol::{
     negotiate_version, AgentError, AgentErrorKind, ContainerRef, CreateContainer, ExecProcess,
     ExecRef, Hello, HelloAck, ProcessRef, ResizePty, Response, SignalProcess, StorageDirs,
-    UnpackLayer,
-    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    UnpackLayer, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use berth_container::unpack::UnpackError;
 use berth_container::ContainerError;

@@ -2,8 +2,6 @@
 //! process (bounding, effective, permitted, inheritable, ambient) with `capset(2)` and `prctl`.
 //! No libcap: the calls are a handful of syscalls.
 
-use std::collections::HashSet;
-
 use oci_spec::runtime::{Capabilities, LinuxCapabilities};
 use thiserror::Error;
 
@@ -63,23 +61,7 @@ const NAMES: &[&str] = &[
     "CAP_CHECKPOINT_RESTORE",
 ];
 
-/// Docker's default capabilities for a non-privileged container.
-pub const DOCKER_DEFAULT: &[&str] = &[
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_FSETID",
-    "CAP_FOWNER",
-    "CAP_MKNOD",
-    "CAP_NET_RAW",
-    "CAP_SETGID",
-    "CAP_SETUID",
-    "CAP_SETFCAP",
-    "CAP_SETPCAP",
-    "CAP_NET_BIND_SERVICE",
-    "CAP_SYS_CHROOT",
-    "CAP_KILL",
-    "CAP_AUDIT_WRITE",
-];
+pub use agent_protocol::defaults::DOCKER_DEFAULT;
 
 /// The number of a capability name (`CAP_` prefix optional, any case).
 pub fn number(name: &str) -> Result<u8, CapsError> {
@@ -96,22 +78,7 @@ pub fn number(name: &str) -> Result<u8, CapsError> {
         .ok_or_else(|| CapsError::Unknown(name.to_string()))
 }
 
-/// Docker's default set in OCI form, for all of bounding, effective and permitted (inheritable
-/// and ambient empty, as in Docker).
-pub fn docker_default_capabilities() -> LinuxCapabilities {
-    let set: Capabilities = DOCKER_DEFAULT
-        .iter()
-        // oci-spec parses names without the prefix (serde uses the prefixed form).
-        .filter_map(|name| name.trim_start_matches("CAP_").parse().ok())
-        .collect();
-    let mut caps = LinuxCapabilities::default();
-    caps.set_bounding(Some(set.clone()));
-    caps.set_effective(Some(set.clone()));
-    caps.set_permitted(Some(set));
-    caps.set_inheritable(Some(HashSet::new()));
-    caps.set_ambient(Some(HashSet::new()));
-    caps
-}
+pub use agent_protocol::defaults::docker_default_capabilities;
 
 /// A set of capability numbers as the 64-bit mask `capset` wants.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

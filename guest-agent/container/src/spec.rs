@@ -10,10 +10,7 @@
 
 use std::path::PathBuf;
 
-use oci_spec::runtime::{
-    LinuxBuilder, LinuxNamespace, LinuxNamespaceType, Mount, Process, ProcessBuilder, Spec,
-    UserBuilder,
-};
+use oci_spec::runtime::{LinuxNamespace, LinuxNamespaceType, Mount, Spec};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -37,9 +34,6 @@ pub enum SpecError {
     /// A user namespace was requested; this runtime does not map ids.
     #[error("user namespaces are not supported")]
     UserNamespace,
-    /// Building the default spec failed.
-    #[error("cannot build the default spec")]
-    Build(#[source] oci_spec::OciSpecError),
 }
 
 /// Which seccomp filter the container's processes get.
@@ -185,96 +179,9 @@ fn validate_id(id: &str) -> Result<(), SpecError> {
     }
 }
 
-/// Docker's masked paths.
-pub const DOCKER_MASKED_PATHS: &[&str] = &[
-    "/proc/asound",
-    "/proc/acpi",
-    "/proc/interrupts",
-    "/proc/kcore",
-    "/proc/keys",
-    "/proc/latency_stats",
-    "/proc/timer_list",
-    "/proc/timer_stats",
-    "/proc/sched_debug",
-    "/proc/scsi",
-    "/sys/firmware",
-    "/sys/devices/virtual/powercap",
-];
-
-/// Docker's read-only paths.
-pub const DOCKER_READONLY_PATHS: &[&str] = &[
-    "/proc/bus",
-    "/proc/fs",
-    "/proc/irq",
-    "/proc/sys",
-    "/proc/sysrq-trigger",
-];
-
-/// Docker's default environment `PATH`.
-pub const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-
-/// A spec with Docker's defaults for a non-privileged container running `args` as root:
-/// pid, mount, uts, ipc, net and cgroup namespaces; `/proc`, `/dev` (+pts, shm, mqueue),
-/// read-only `/sys` and cgroup; Docker's capabilities, masked and read-only paths; a writable
-/// root. Adjust the result for the container at hand.
-pub fn docker_default_spec(args: Vec<String>) -> Result<Spec, SpecError> {
-    let process: Process = ProcessBuilder::default()
-        .args(args)
-        .env(vec![DEFAULT_PATH.to_string()])
-        .cwd("/")
-        .user(
-            UserBuilder::default()
-                .uid(0u32)
-                .gid(0u32)
-                .build()
-                .map_err(SpecError::Build)?,
-        )
-        .capabilities(crate::caps::docker_default_capabilities())
-        .no_new_privileges(false)
-        .terminal(false)
-        .build()
-        .map_err(SpecError::Build)?;
-    let namespaces = [
-        LinuxNamespaceType::Pid,
-        LinuxNamespaceType::Mount,
-        LinuxNamespaceType::Uts,
-        LinuxNamespaceType::Ipc,
-        LinuxNamespaceType::Network,
-        LinuxNamespaceType::Cgroup,
-    ]
-    .into_iter()
-    .map(|typ| {
-        let mut ns = LinuxNamespace::default();
-        ns.set_typ(typ);
-        ns
-    })
-    .collect::<Vec<_>>();
-    let linux = LinuxBuilder::default()
-        .namespaces(namespaces)
-        .masked_paths(
-            DOCKER_MASKED_PATHS
-                .iter()
-                .map(|s| s.to_string())
-                .collect::<Vec<_>>(),
-        )
-        .readonly_paths(
-            DOCKER_READONLY_PATHS
-                .iter()
-                .map(|s| s.to_string())
-                .collect::<Vec<_>>(),
-        )
-        .build()
-        .map_err(SpecError::Build)?;
-    let mut spec = Spec::default();
-    spec.set_process(Some(process));
-    spec.set_hostname(Some("berth".to_string()));
-    spec.set_mounts(Some(oci_spec::runtime::get_default_mounts()));
-    spec.set_linux(Some(linux));
-    let mut root = oci_spec::runtime::Root::default();
-    root.set_readonly(Some(false));
-    spec.set_root(Some(root));
-    Ok(spec)
-}
+pub use agent_protocol::defaults::{
+    docker_default_spec, SpecBuildError, DEFAULT_PATH, DOCKER_MASKED_PATHS, DOCKER_READONLY_PATHS,
+};
 
 #[cfg(test)]
 mod tests {

@@ -11,6 +11,7 @@
 //! protocol version so a peer from the future is told so plainly instead of failing to parse.
 
 pub mod container;
+pub mod defaults;
 pub mod frame;
 pub mod messages;
 
