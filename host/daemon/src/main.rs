@@ -1,3 +1,127 @@
-//! berthd.
+//! berthd: serves the Docker Engine API on a unix socket and runs containers in a VM.
+//!
+//! Configuration comes from flags and the environment; everything else (the API, the engine,
+//! the VM) lives in the library crates. On SIGINT or SIGTERM the socket is removed and the VM
+//! shut down cleanly.
 
-fn main() {}
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use berth_engine::assets::{default_vm_dir, Assets};
+use berth_engine::{Engine, EngineConfig, VmConfig};
+use clap::Parser;
+use tokio::net::UnixListener;
+use tracing::info;
+
+/// berthd's command line.
+#[derive(Debug, Parser)]
+#[command(name = "berthd", version, about = "Berth daemon: the Docker Engine API backed by a micro-VM")]
+struct Args {
+    /// The API socket (DOCKER_HOST=unix://<this>).
+    #[arg(long, env = "BERTH_SOCKET")]
+    socket: Option<PathBuf>,
+    /// Where images, containers and logs are kept.
+    #[arg(long, env = "BERTH_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Directory of the VM's sockets and console log.
+    #[arg(long, env = "BERTH_VM_DIR")]
+    vm_dir: Option<PathBuf>,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 2048)]
+    memory: u32,
+    /// Guest vCPUs.
+    #[arg(long, default_value_t = 2)]
+    cpus: u32,
+    /// How long the guest may take to boot, in seconds.
+    #[arg(long, default_value_t = 120)]
+    boot_timeout: u64,
+}
+
+/// `$XDG_RUNTIME_DIR/berth/docker.sock`, else `/run/berth/docker.sock` for root.
+fn default_socket() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(dir) => PathBuf::from(dir).join("berth/docker.sock"),
+        None if nix_is_root() => PathBuf::from("/run/berth/docker.sock"),
+        None => std::env::temp_dir().join(format!("berth-{}/docker.sock", uid())),
+    }
+}
+
+/// `$XDG_DATA_HOME/berth`, else `~/.local/share/berth`.
+fn default_data_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XDG_DATA_HOME") {
+        return PathBuf::from(dir).join("berth");
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/var/lib"), PathBuf::from);
+    home.join(".local/share/berth")
+}
+
+fn uid() -> u32 {
+    nix::unistd::getuid().as_raw()
+}
+
+fn nix_is_root() -> bool {
+    uid() == 0
+}
+
+/// Binds the API socket with mode 0600, replacing a stale socket file but never a live one.
+fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!("another daemon is serving {}", path.display());
+        }
+        std::fs::remove_file(path).with_context(|| format!("removing the stale socket {}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("setting the mode of {}", path.display()))?;
+    Ok(listener)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BERTH_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let socket = args.socket.unwrap_or_else(default_socket);
+    let data_root = args.data_dir.unwrap_or_else(default_data_dir);
+    let assets = Assets::discover();
+    let vm = VmConfig {
+        kernel: assets.kernel,
+        initramfs: assets.initramfs,
+        memory_mib: args.memory,
+        vcpus: args.cpus,
+        state_dir: args.vm_dir.unwrap_or_else(default_vm_dir),
+        boot_timeout: Duration::from_secs(args.boot_timeout),
+        extra_cmdline: Vec::new(),
+    };
+    vm.check_assets().context("checking the VM's kernel and initramfs")?;
+    let engine = Engine::open(EngineConfig { data_root: data_root.clone(), vm })
+        .map_err(|e| anyhow::anyhow!(e.to_string()))
+        .context("opening the engine state")?;
+    let listener = bind_socket(&socket)?;
+    info!(socket = %socket.display(), data = %data_root.display(), "berthd serving the Docker API");
+    println!("berthd: listening on unix://{}", socket.display());
+    let server = tokio::spawn(berth_docker_api::serve(listener, std::sync::Arc::clone(&engine)));
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+        result = server => {
+            result.context("the API server task failed")?.context("accepting API connections")?;
+        }
+    }
+    info!("shutting down");
+    let _ = std::fs::remove_file(&socket);
+    engine.shutdown().await;
+    Ok(())
+}

@@ -1,13 +1,20 @@
 //! Docker-shaped logic of Berth, with no HTTP and no KVM: the VM lifecycle and its backends,
-//! and the client for the guest agent.
+//! the client for the guest agent, the image store, and containers and execs run in the VM.
 
 pub mod agent_client;
 pub mod assets;
+pub mod containers;
 pub mod error;
+pub mod events;
+pub mod exec;
 pub mod host;
+pub mod images;
+pub mod machine;
+pub mod runtime;
 pub mod vm;
 
 pub use agent_client::{AgentClient, AgentClientError};
+pub use agent_protocol::{ContainerStats, SystemInfo, TopInfo};
 pub use error::ErrorKind;
-pub use agent_protocol::SystemInfo;
+pub use runtime::{Engine, EngineConfig, EngineError, WaitCondition};
 pub use vm::{select_backend, StopOutcome, Vm, VmBackend, VmConfig, VmError};
