@@ -9,7 +9,6 @@ pub mod events;
 pub mod exec;
 pub mod host;
 pub mod images;
-pub mod images;
 pub mod machine;
 pub mod runtime;
 pub mod vm;
