@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what Berth needs to build and test on a fresh Debian 12 machine, and nothing twice:
-# Debian packages (QEMU, the kernel source and its build deps, busybox-static for test images)
+# Debian packages (QEMU, the kernel source and its build deps, busybox-static for test images,
+# skopeo/umoci/docker-registry for image tests)
 # and vhost-device-vsock from crates.io (the qemu backend's vsock device).
 set -euo pipefail
 
@@ -11,6 +12,8 @@ packages=(
   linux-source-6.12 flex bison bc libelf-dev libssl-dev cpio
   # Build checks (static agent) and test images.
   file busybox-static
+  # Independent OCI tools that cross-check the image store, and a real registry on loopback.
+  skopeo umoci docker-registry
 )
 vhost_vsock_version=0.3.0
 

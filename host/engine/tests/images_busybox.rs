@@ -168,3 +168,176 @@ fn busybox_save_loads_back_unchanged() {
         store.resolve("busybox").expect("resolve").layers
     );
 }
+
+/// Whether `tool` runs here; without it the test skips (fails under `CI=true`).
+fn have_tool(tool: &str) -> bool {
+    let found = Command::new(tool)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        let reason = format!("{tool} is missing (apt-get install skopeo umoci)");
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI must not skip: {reason}"
+        );
+        eprintln!("skipping: {reason}");
+    }
+    found
+}
+
+/// Runs a command, failing the test with its output if it fails; returns stdout.
+fn run(program: &str, args: &[&str]) -> String {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {program}: {e}"));
+    assert!(
+        output.status.success(),
+        "{program} {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[test]
+fn busybox_save_is_read_by_skopeo_and_umoci() {
+    let Some((out, id)) = build_busybox() else {
+        return;
+    };
+    if !have_tool("skopeo") || !have_tool("umoci") {
+        return;
+    }
+    let store_dir = tempfile::tempdir().expect("temporary directory");
+    let store = ImageStore::open(store_dir.path()).expect("open store");
+    load(&store, out.path().join("busybox.tar"));
+    let saved = out.path().join("saved.tar");
+    store
+        .save(
+            &["busybox".to_owned()],
+            File::create(&saved).expect("create saved.tar"),
+        )
+        .expect("save");
+    let saved = saved.to_str().expect("utf-8 path");
+
+    let inspect: serde_json::Value = serde_json::from_str(&run(
+        "skopeo",
+        &["inspect", &format!("docker-archive:{saved}")],
+    ))
+    .expect("skopeo inspect JSON");
+    let as_oci: serde_json::Value = serde_json::from_str(&run(
+        "skopeo",
+        &[
+            "inspect",
+            "--config",
+            &format!("oci-archive:{saved}:latest"),
+        ],
+    ))
+    .expect("skopeo inspect --config JSON");
+    let layout = out.path().join("layout");
+    let bundle = out.path().join("bundle");
+    let layout_ref = format!("{}:busybox", layout.display());
+    run(
+        "skopeo",
+        &[
+            "copy",
+            &format!("docker-archive:{saved}"),
+            &format!("oci:{layout_ref}"),
+        ],
+    );
+    run(
+        "umoci",
+        &[
+            "unpack",
+            "--image",
+            &layout_ref,
+            bundle.to_str().expect("utf-8 path"),
+        ],
+    );
+
+    assert_eq!(inspect["Architecture"], "amd64");
+    assert_eq!(inspect["Layers"].as_array().map(Vec::len), Some(1));
+    assert_eq!(as_oci["config"]["Cmd"][0], "sh");
+    assert_eq!(
+        as_oci["rootfs"]["diff_ids"][0],
+        store.resolve(&id).expect("image").layers[0].diff_id
+    );
+    assert!(bundle.join("rootfs/bin/busybox").is_file());
+    assert!(bundle.join("rootfs/bin/sh").is_symlink());
+}
+
+#[test]
+fn skopeo_written_docker_archive_loads() {
+    let Some((out, id)) = build_busybox() else {
+        return;
+    };
+    if !have_tool("skopeo") {
+        return;
+    }
+    let oci = out.path().join("busybox-oci.tar");
+    let converted = out.path().join("from-skopeo.tar");
+    run(
+        "skopeo",
+        &[
+            "copy",
+            &format!("oci-archive:{}", oci.display()),
+            &format!(
+                "docker-archive:{}:example.com/converted:1",
+                converted.display()
+            ),
+        ],
+    );
+    let store_dir = tempfile::tempdir().expect("temporary directory");
+    let store = ImageStore::open(store_dir.path()).expect("open store");
+
+    let (images, lines) = load(&store, converted);
+
+    assert_eq!(lines, ["Loaded image: example.com/converted:1"]);
+    assert_eq!(images[0].id, id);
+}
+
+#[test]
+fn busybox_save_with_gzip_layer_is_read_by_skopeo() {
+    let Some((out, id)) = build_busybox() else {
+        return;
+    };
+    if !have_tool("skopeo") {
+        return;
+    }
+    let store_dir = tempfile::tempdir().expect("temporary directory");
+    let store = ImageStore::open(store_dir.path()).expect("open store");
+    load(&store, out.path().join("busybox-oci.tar"));
+    let saved = out.path().join("saved-gzip.tar");
+    store
+        .save(
+            &["busybox".to_owned()],
+            File::create(&saved).expect("create saved-gzip.tar"),
+        )
+        .expect("save");
+    let converted = out.path().join("converted-oci.tar");
+
+    run(
+        "skopeo",
+        &[
+            "copy",
+            &format!("docker-archive:{}", saved.display()),
+            &format!("oci-archive:{}:latest", converted.display()),
+        ],
+    );
+    let config: serde_json::Value = serde_json::from_str(&run(
+        "skopeo",
+        &[
+            "inspect",
+            "--raw",
+            "--config",
+            &format!("oci-archive:{}:latest", converted.display()),
+        ],
+    ))
+    .expect("skopeo config JSON");
+
+    let diff_id = &store.resolve(&id).expect("image").layers[0].diff_id;
+    assert_eq!(
+        config["rootfs"]["diff_ids"][0].as_str(),
+        Some(diff_id.as_str())
+    );
+}
