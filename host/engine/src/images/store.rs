@@ -177,7 +177,13 @@ impl ImageStore {
     pub fn list(&self) -> Result<Vec<Image>, ImageError> {
         let state = self.lock();
         let mut images: Vec<Image> = state.images.values().map(|s| image_of(&state, s)).collect();
-        images.sort_by(|a, b| b.created.cmp(&a.created).then_with(|| a.id.cmp(&b.id)));
+        let created = |image: &Image| {
+            image
+                .created
+                .as_deref()
+                .and_then(|c| chrono::DateTime::parse_from_rfc3339(c).ok())
+        };
+        images.sort_by(|a, b| created(b).cmp(&created(a)).then_with(|| a.id.cmp(&b.id)));
         Ok(images)
     }
 
@@ -194,31 +200,46 @@ impl ImageStore {
     }
 
     /// `docker rmi`, with Docker's semantics and messages. `users` reports a container that
-    /// uses an image ID (a running one if any runs, else a stopped one), or `None`.
+    /// uses an image ID (a running one if any runs, else a stopped one), or `None`. It is
+    /// called without the store's lock held, so it may take the caller's own locks.
     pub fn remove(
         &self,
         reference: &str,
         force: bool,
         users: &dyn Fn(&str) -> Option<ImageUser>,
     ) -> Result<Vec<RemoveEvent>, ImageError> {
-        let (events, _) = self.update(|state| remove_in(state, reference, force, users))?;
+        let id = lookup(&self.lock(), reference)?;
+        let user = users(id.as_str());
+        let (events, _) = self.update(|state| {
+            if lookup(state, reference)? != id {
+                return Err(ImageError::Conflict(format!(
+                    "conflict: {reference} was retagged while it was being removed; retry"
+                )));
+            }
+            remove_in(state, reference, force, user.as_ref())
+        })?;
         Ok(events)
     }
 
     /// `docker image prune`: deletes dangling images (with `all`, every image) that no
     /// container uses, then every blob nothing references. Returns what was removed and the
-    /// bytes freed on disk.
+    /// bytes freed on disk. `users` is called without the store's lock held.
     pub fn prune(
         &self,
         all: bool,
         users: &dyn Fn(&str) -> Option<ImageUser>,
     ) -> Result<(Vec<RemoveEvent>, u64), ImageError> {
+        let ids: Vec<Digest> = self.lock().images.keys().cloned().collect();
+        let unused: BTreeSet<Digest> = ids
+            .into_iter()
+            .filter(|id| users(id.as_str()).is_none())
+            .collect();
         let (events, mut reclaimed) = self.update(|state| {
-            let candidates: Vec<Digest> = state
-                .images
-                .keys()
+            // Images that arrived since `unused` was computed are not candidates.
+            let candidates: Vec<Digest> = unused
+                .iter()
+                .filter(|id| state.images.contains_key(*id))
                 .filter(|id| all || state.refs_of(id).is_empty())
-                .filter(|id| users(id.as_str()).is_none())
                 .cloned()
                 .collect();
             let mut events = Vec::new();
@@ -247,7 +268,7 @@ impl ImageStore {
 
     /// Adds a blob read from `reader`, verifying its digest (and size, if given). The blob is
     /// kept until a manifest stored with [`ImageStore::store_manifest`] claims it or the
-    /// process restarts. Returns the blob's size.
+    /// process restarts. Returns the blob's size. A blob already present is not read again.
     pub fn ingest_blob(
         &self,
         digest: &str,
@@ -699,12 +720,11 @@ impl DeleteConflict {
 fn delete_conflict(
     state: &State,
     id: &Digest,
-    users: &dyn Fn(&str) -> Option<ImageUser>,
+    user: Option<&ImageUser>,
     soft: bool,
     check_references: bool,
 ) -> Option<DeleteConflict> {
-    let user = users(id.as_str());
-    if let Some(user) = user.as_ref().filter(|u| u.running) {
+    if let Some(user) = user.filter(|u| u.running) {
         return Some(DeleteConflict {
             message: format!(
                 "image is being used by running container {}",
@@ -734,12 +754,12 @@ fn delete_conflict(
     }
 }
 
-/// Docker's `ImageDelete` for one reference.
+/// Docker's `ImageDelete` for one reference; `user` is a container using the image.
 fn remove_in(
     state: &mut State,
     reference: &str,
     force: bool,
-    users: &dyn Fn(&str) -> Option<ImageUser>,
+    user: Option<&ImageUser>,
 ) -> Result<Vec<RemoveEvent>, ImageError> {
     let id = lookup(state, reference)?;
     let mut events = Vec::new();
@@ -747,7 +767,7 @@ fn remove_in(
     let mut removed_repository_ref = false;
     if !is_id_prefix(&id, reference) {
         if !force && is_single_reference(&refs) {
-            if let Some(user) = users(id.as_str()) {
+            if let Some(user) = user {
                 return Err(ImageError::Conflict(format!(
                     "conflict: unable to remove repository reference {reference:?} (must force) - container {} is using its referenced image {}",
                     short_id(&user.container_id),
@@ -779,7 +799,7 @@ fn remove_in(
         }
         removed_repository_ref = true;
     } else if is_single_reference(&refs) {
-        if let Some(conflict) = delete_conflict(state, &id, users, !force, false) {
+        if let Some(conflict) = delete_conflict(state, &id, user, !force, false) {
             return Err(conflict.into_error(&id));
         }
         for r in &refs {
@@ -788,7 +808,7 @@ fn remove_in(
         }
     }
     // Docker's `imageDeleteHelper`.
-    if let Some(conflict) = delete_conflict(state, &id, users, !force, true) {
+    if let Some(conflict) = delete_conflict(state, &id, user, !force, true) {
         let dangling = state.refs_of(&id).is_empty();
         if removed_repository_ref && (!dangling || conflict.used) {
             // The untag was what the user asked for; the image stays, dangling.
@@ -1367,6 +1387,21 @@ mod tests {
             store.remove(id.as_str(), true, &stopped_user).unwrap()[0],
             RemoveEvent::Deleted(id.to_string())
         );
+    }
+
+    #[test]
+    fn remove_and_prune_call_users_without_the_store_lock() {
+        let (_dir, store, _) = store_with_busybox();
+        // The callback uses the store itself, as an engine holding its own locks might
+        // indirectly; with the store's lock held this would deadlock.
+        let reentrant = |_: &str| {
+            store.list().unwrap();
+            None
+        };
+        store.prune(true, &reentrant).unwrap();
+        assert!(store.list().unwrap().is_empty());
+        load(&store, &legacy_docker_archive(&[busybox()]));
+        assert_eq!(store.remove("busybox", false, &reentrant).unwrap().len(), 4);
     }
 
     #[test]
