@@ -857,6 +857,19 @@ mod tests {
     }
 
     #[test]
+    fn load_zstd_compressed_archive() {
+        let (_dir, store) = open_store();
+        let image = busybox();
+        let id = image.id();
+        let archive = ruzstd::encoding::compress_to_vec(
+            &legacy_docker_archive(&[image])[..],
+            ruzstd::encoding::CompressionLevel::Fastest,
+        );
+        load(&store, &archive);
+        assert_eq!(store.resolve("busybox").unwrap().id, id.to_string());
+    }
+
+    #[test]
     fn load_oci_layout_names_images_from_full_ref_annotations_only() {
         let (_dir, store) = open_store();
         let named = TestImage::new(vec![layer(&[("a", "1")])], "a", &[]);

@@ -1161,6 +1161,12 @@ mod tests {
     }
 
     #[test]
+    fn image_store_is_send_and_sync() {
+        fn shared<T: Send + Sync>() {}
+        shared::<ImageStore>();
+    }
+
+    #[test]
     fn resolve_accepts_every_docker_form() {
         let (_dir, store, image) = store_with_busybox();
         let hex = &image.id[7..];
