@@ -14,6 +14,8 @@ packages=(
   file busybox-static
   # Independent OCI tools that cross-check the image store, and a real registry on loopback.
   skopeo umoci docker-registry
+  # htpasswd, for the registry basic-auth test.
+  apache2-utils
 )
 vhost_vsock_version=0.3.0
 

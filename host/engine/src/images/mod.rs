@@ -15,6 +15,7 @@ pub mod digest;
 mod import;
 pub mod media;
 pub mod reference;
+pub mod registry;
 mod store;
 #[cfg(test)]
 mod test_utils;
@@ -191,6 +192,9 @@ pub enum ImageError {
         #[source]
         source: serde_json::Error,
     },
+    /// Talking to a registry (pull, push) failed.
+    #[error(transparent)]
+    Registry(registry::RegistryError),
 }
 
 impl ImageError {
@@ -211,6 +215,7 @@ impl ImageError {
             Self::WriteOutput(_) | Self::Locked(_) | Self::Io { .. } | Self::Corrupt { .. } => {
                 ErrorKind::Internal
             }
+            Self::Registry(e) => e.kind(),
         }
     }
 
