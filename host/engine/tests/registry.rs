@@ -9,6 +9,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::fs;
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -23,6 +24,8 @@ use tempfile::TempDir;
 
 /// How long a fresh registry gets to start listening.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// How many ports a registry start tries.
+const START_ATTEMPTS: usize = 5;
 
 /// Where Debian installs the registry.
 const REGISTRY_BINARY: &str = "/usr/bin/docker-registry";
@@ -53,6 +56,22 @@ impl Registry {
             skip("docker-registry is not installed (apt-get install docker-registry)");
             return None;
         }
+        let mut failures = Vec::new();
+        // A port found free can be taken again before the registry binds it (tests run in
+        // parallel and open sockets of their own): then it exits, and another port is tried.
+        for _ in 0..START_ATTEMPTS {
+            match Self::try_start(htpasswd) {
+                Ok(registry) => return Some(registry),
+                Err(failure) => failures.push(failure),
+            }
+        }
+        panic!(
+            "docker-registry did not start:\n{}",
+            failures.join("\n---\n")
+        );
+    }
+
+    fn try_start(htpasswd: Option<&Path>) -> Result<Self, String> {
         let dir = tempfile::tempdir().unwrap();
         let port = {
             let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -81,24 +100,19 @@ impl Registry {
             .spawn()
             .unwrap();
         let mut registry = Self { child, addr, dir };
-        registry.wait_ready();
-        Some(registry)
-    }
-
-    fn wait_ready(&mut self) {
         let deadline = Instant::now() + START_TIMEOUT;
-        while TcpStream::connect(&self.addr).is_err() {
-            let exited = self.child.try_wait().unwrap();
+        // Ready means this registry answers: another test's listener may hold the port for
+        // a moment, so a connection alone proves nothing.
+        while !answers_as_registry(&registry.addr) {
+            let exited = registry.child.try_wait().unwrap();
             if exited.is_some() || Instant::now() > deadline {
-                let log =
-                    fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default();
-                panic!(
-                    "docker-registry did not start on {} ({exited:?}):\n{log}",
-                    self.addr
-                );
+                let log = fs::read_to_string(registry.dir.path().join("registry.log"))
+                    .unwrap_or_default();
+                return Err(format!("on {} ({exited:?}): {log}", registry.addr));
             }
             sleep(Duration::from_millis(50));
         }
+        Ok(registry)
     }
 
     /// `127.0.0.1:<port>/<path>`.
@@ -123,6 +137,22 @@ impl Drop for Registry {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Whether `addr` answers `GET /v2/` as a distribution registry does (200, or 401 with auth),
+/// with its `Docker-Distribution-Api-Version` header.
+fn answers_as_registry(addr: &str) -> bool {
+    let Ok(mut stream) = TcpStream::connect(addr) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+    let request = format!("GET /v2/ HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    if stream.write_all(request.as_bytes()).is_err() {
+        return false;
+    }
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer).contains("Docker-Distribution-Api-Version: registry/2.0")
 }
 
 /// A plain tar holding `files`.
@@ -482,10 +512,9 @@ fn pull_of_corrupted_blob_fails_verification_and_stores_nothing() {
 
 #[test]
 fn pull_from_a_closed_port_names_the_registry() {
-    let port = {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap().port()
-    };
+    // tcpmux's port: outside the ephemeral range, so no test's registry can take it, and
+    // nothing listens on it on these machines.
+    let port = 1;
     let dir = tempfile::tempdir().unwrap();
     let store = open_store(&dir, "store");
 
