@@ -1,6 +1,7 @@
-//! Pull against a scripted registry on 127.0.0.1, for what Debian's `docker-registry` cannot
-//! show: the Bearer token flow (its token auth needs a separate token server), an index with
-//! several platforms, and registries that lie about digests. The server is a few lines of
+//! Pull and push against a scripted registry on 127.0.0.1, for what Debian's
+//! `docker-registry` cannot show: the Bearer token flow (its token auth needs a separate token
+//! server), an index with several platforms, registries that lie about digests, and exactly
+//! what a push puts on the wire. The server is a few lines of
 //! HTTP/1.1 over a `TcpListener`, one request per connection, answering from a handler the
 //! test writes; it records every request so tests can check what the client sent.
 
@@ -552,4 +553,80 @@ fn token_server_refusing_credentials_is_a_clear_auth_error() {
             server.addr
         )
     );
+}
+
+#[test]
+fn push_sends_lengths_digests_and_media_types_on_the_wire() {
+    let server = Server::start(
+        |_, request| match (request.method.as_str(), request.path()) {
+            ("GET", "/v2/") => Answer::new(200, &[], b"{}"),
+            ("HEAD", _) => Answer::new(404, &[], b""),
+            ("POST", "/v2/team/app/blobs/uploads/") => Answer::new(
+                202,
+                &[("Location", "/v2/team/app/blobs/uploads/u1?_state=s")],
+                b"",
+            ),
+            ("PUT", path) if path.starts_with("/v2/team/app/blobs/uploads/u1") => {
+                Answer::new(201, &[], b"")
+            }
+            ("PUT", "/v2/team/app/manifests/v1") => Answer::new(201, &[], b""),
+            _ => Answer::new(500, &[], b""),
+        },
+    );
+    let (_dir, store) = fresh_store();
+    let reference = format!("{}/team/app:v1", server.addr);
+    let rootfs = {
+        let mut builder = tar::Builder::new(Vec::new());
+        let mut header = tar::Header::new_gnu();
+        header.set_mode(0o644);
+        header.set_size(3);
+        builder
+            .append_data(&mut header, "hi", &b"hi\n"[..])
+            .unwrap();
+        builder.into_inner().unwrap()
+    };
+    store.import(&rootfs[..], Some(&reference), None).unwrap();
+
+    let digest = registry::push(&store, &reference, None, &mut |_| {}).unwrap();
+
+    let requests = server.requests();
+    let posts: Vec<&Request> = requests.iter().filter(|r| r.method == "POST").collect();
+    assert_eq!(
+        posts.len(),
+        2,
+        "one upload for the layer, one for the config"
+    );
+    assert!(posts
+        .iter()
+        .all(|r| r.header("content-length") == Some("0")));
+    let uploads: Vec<&Request> = requests
+        .iter()
+        .filter(|r| r.method == "PUT" && r.path().contains("/blobs/uploads/"))
+        .collect();
+    for upload in &uploads {
+        let (_, digest_param) = upload.target.split_once("?_state=s&digest=").unwrap();
+        assert_eq!(
+            digest_param.replace("%3A", ":"),
+            Digest::of(&upload.body).to_string()
+        );
+        assert_eq!(
+            upload.header("content-type"),
+            Some("application/octet-stream")
+        );
+    }
+    let manifest = requests
+        .iter()
+        .find(|r| r.path() == "/v2/team/app/manifests/v1")
+        .unwrap();
+    assert_eq!(Digest::of(&manifest.body).to_string(), digest);
+    assert_eq!(manifest.header("content-type"), Some(OCI_MANIFEST));
+    let sent: serde_json::Value = serde_json::from_slice(&manifest.body).unwrap();
+    let layer = &sent["layers"][0];
+    assert_eq!(
+        layer["mediaType"],
+        "application/vnd.oci.image.layer.v1.tar+gzip"
+    );
+    assert!(uploads
+        .iter()
+        .any(|u| Digest::of(&u.body).as_str() == layer["digest"].as_str().unwrap()));
 }

@@ -579,9 +579,13 @@ impl<'a> Client<'a> {
     ) -> Result<(), ImageError> {
         let url = self.url("blobs/uploads/");
         let mut response = self.execute("Post", &url, |agent, auth| {
-            with_auth(agent.post(&url), auth).send_empty()
+            // An explicit zero length: some front ends answer a bodiless POST without one
+            // with 411 Length Required.
+            with_auth(agent.post(&url), auth)
+                .header(header::CONTENT_LENGTH, 0)
+                .send_empty()
         })?;
-        if response.status() != StatusCode::ACCEPTED && !response.status().is_success() {
+        if !response.status().is_success() {
             let failure = Failure::read(&mut response);
             return Err(failure
                 .into_error(&self.endpoint, self.sends_credentials())
