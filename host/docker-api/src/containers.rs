@@ -696,7 +696,10 @@ pub async fn top(engine: &Arc<Engine>, reference: &str, _query: &Query) -> ApiRe
 pub async fn stats(engine: &Arc<Engine>, reference: &str, query: &Query) -> ApiResult<ApiResponse> {
     let container = engine.container(reference)?;
     let stream = query.flag("stream", true) && !query.flag("one-shot", false);
-    let info = engine.cached_system_info();
+    let info = match engine.cached_system_info() {
+        Some(info) => Some(info),
+        None => engine.system_info().await.ok(),
+    };
     let cpus = info.as_ref().map_or(1, |i| i.cpus);
     let memory_total = info.as_ref().map_or(0, |i| i.mem_total_bytes);
     let first = engine.stats(&container.id).await?;

@@ -6,6 +6,7 @@
 use std::io::{self, Read, Write};
 use std::sync::Arc;
 
+use berth_engine::images::registry::{self, Progress, RegistryAuth};
 use berth_engine::images::{Image, RemoveEvent};
 use berth_engine::Engine;
 use bytes::Bytes;
@@ -379,34 +380,98 @@ pub async fn create(engine: &Arc<Engine>, query: &Query, request: Request<Incomi
         return Ok(response);
     }
     let image = query.get("fromImage").unwrap_or("");
+    if image.is_empty() {
+        return Err(ApiError::bad_request("fromImage or fromSrc is required"));
+    }
     let tag = query.get("tag").filter(|t| !t.is_empty());
     let reference = match tag {
         Some(tag) if !image.contains('@') => format!("{image}:{tag}"),
         _ => image.to_owned(),
     };
-    registry_unavailable(&format!("pull {reference}"))
+    let auth = registry_auth(&request)?;
+    let store = Arc::clone(&engine.images);
+    let events = Arc::clone(engine);
+    transfer(move |progress| {
+        let image = registry::pull(&store, &reference, auth.as_ref(), progress)?;
+        events.events.emit("image", "pull", reference.clone(), [("name", reference.clone())]);
+        Ok(image.id)
+    })
+    .await
 }
 
-/// Until the registry client lands, pull and push answer with an error in the stream.
-fn registry_unavailable(what: &str) -> ApiResult<ApiResponse> {
-    let message = format!("cannot {what}: this berthd has no registry client yet");
-    let (response, sender) = body::streaming("application/json");
+/// The credentials the CLI sends in `X-Registry-Auth`.
+fn registry_auth(request: &Request<Incoming>) -> ApiResult<Option<RegistryAuth>> {
+    match request.headers().get("x-registry-auth") {
+        None => Ok(None),
+        Some(value) => {
+            let text = value
+                .to_str()
+                .map_err(|_| ApiError::bad_request("invalid X-Registry-Auth header"))?;
+            Ok(RegistryAuth::from_header(text)?)
+        }
+    }
+}
+
+/// Runs a pull or push in a blocking task and streams its progress. A failure before any
+/// progress is an HTTP error; after it, an error object in the stream, as dockerd does it.
+async fn transfer<T: Send + 'static>(
+    work: impl FnOnce(&mut dyn FnMut(Progress)) -> Result<T, berth_engine::images::ImageError>
+        + Send
+        + 'static,
+) -> ApiResult<ApiResponse> {
+    let (sender, mut receiver) = mpsc::channel::<Bytes>(64);
+    let task = tokio::task::spawn_blocking(move || {
+        let progress_sender = sender.clone();
+        let mut progress = move |event: Progress| {
+            let _ = progress_sender.blocking_send(json_line(&event.to_json()));
+        };
+        let result = work(&mut progress);
+        (result, sender)
+    });
+    let first = receiver.recv().await;
+    let (response, body) = body::streaming("application/json");
+    match first {
+        Some(line) => {
+            let _ = body.send(line).await;
+        }
+        None => {
+            // The work ended without progress: its result decides the status.
+            let (result, _) = task.await.map_err(|e| ApiError::internal(e.to_string()))?;
+            result?;
+            return Ok(response);
+        }
+    }
     tokio::spawn(async move {
-        let _ = sender
-            .send(json_line(&json!({ "errorDetail": { "message": message }, "error": message })))
-            .await;
+        while let Some(line) = receiver.recv().await {
+            if body.send(line).await.is_err() {
+                break;
+            }
+        }
+        if let Ok((Err(e), _)) = task.await {
+            let message = berth_engine::vm::error_chain(&e);
+            let _ = body
+                .send(json_line(&json!({ "errorDetail": { "message": message }, "error": message })))
+                .await;
+        }
     });
     Ok(response)
 }
 
 /// `POST /images/{name}/push`.
-pub async fn push(engine: &Arc<Engine>, name: &str, query: &Query) -> ApiResult<ApiResponse> {
+pub async fn push(engine: &Arc<Engine>, name: &str, query: &Query, request: Request<Incoming>) -> ApiResult<ApiResponse> {
     let reference = match query.get("tag").filter(|t| !t.is_empty()) {
         Some(tag) => format!("{name}:{tag}"),
         None => name.to_owned(),
     };
-    let _ = engine;
-    registry_unavailable(&format!("push {reference}"))
+    let auth = registry_auth(&request)?;
+    let store = Arc::clone(&engine.images);
+    let events = Arc::clone(engine);
+    transfer(move |progress| {
+        let digest = registry::push(&store, &reference, auth.as_ref(), progress)?;
+        events.events.emit("image", "push", reference.clone(), [("name", reference.clone())]);
+        Ok(digest)
+    })
+    .await
 }
 
 #[cfg(test)]

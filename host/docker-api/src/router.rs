@@ -128,7 +128,9 @@ async fn dispatch(engine: Arc<Engine>, path: String, request: Request<Incoming>)
         (&M::POST, ["images", "create"]) => images::create(&engine, &query, request).await,
         (&M::POST, ["images", "prune"]) => images::prune(&engine, &query).await,
         (&M::GET, ["images", "get"]) => images::save(&engine, query.all("names")),
-        (_, ["images", ..]) => image_route(&engine, &method, &segments[1..], &query).await,
+        (_, ["images", ..]) => {
+            image_route(&engine, &method, &segments[1..], &query, request).await
+        }
         _ => Err(ApiError::new(StatusCode::NOT_FOUND, "page not found")),
     }
 }
@@ -138,6 +140,7 @@ async fn image_route(
     method: &Method,
     rest: &[&str],
     query: &Query,
+    request: Request<Incoming>,
 ) -> ApiResult<ApiResponse> {
     let not_found = || ApiError::new(StatusCode::NOT_FOUND, "page not found");
     if *method == Method::DELETE {
@@ -153,7 +156,7 @@ async fn image_route(
         (&Method::GET, "history") => images::history(engine, &name).await,
         (&Method::GET, "get") => images::save(engine, vec![name.as_str()]),
         (&Method::POST, "tag") => images::tag(engine, &name, query).await,
-        (&Method::POST, "push") => images::push(engine, &name, query).await,
+        (&Method::POST, "push") => images::push(engine, &name, query, request).await,
         _ => Err(not_found()),
     }
 }

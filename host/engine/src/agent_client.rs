@@ -20,8 +20,8 @@ use agent_protocol::{
     read_frame, stream_socket_path, write_frame, AgentError, ContainerRef, ContainerStats,
     CreateContainer, ExecProcess, ExecRef, ExitInfo, FrameError, Hello, HelloAck, ProcessRef,
     ReadyNotice, Request, RequestEnvelope, ResizePty, Response, ResponseEnvelope, SignalProcess,
-    StorageDirs, StreamAccept, StreamHeader, SystemInfo, TopInfo, UnpackLayer, UnpackedLayer, CONTROL_PORT,
-    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, STREAM_PORT,
+    StorageDirs, StreamAccept, StreamHeader, SystemInfo, TopInfo, UnpackLayer, UnpackedLayer,
+    CONTROL_PORT, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, STREAM_PORT,
 };
 use thiserror::Error;
 

@@ -277,7 +277,13 @@ impl Engine {
     pub async fn exec_resize(&self, id: &str, rows: u16, cols: u16) -> Result<(), EngineError> {
         let exec = self.exec(id)?;
         let container = self.container(&exec.container_id)?;
-        let session = self.running_session(&container).await?;
+        // An exec that ended (or a container that stopped) has no terminal left to resize.
+        let Ok(session) = self.running_session(&container).await else {
+            return Ok(());
+        };
+        if !exec.state().running {
+            return Ok(());
+        }
         let exec_id = exec.id.clone();
         let container_id = container.id.clone();
         session

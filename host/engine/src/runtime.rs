@@ -916,9 +916,14 @@ impl Engine {
     }
 
     /// `docker resize` of a container's terminal.
+    ///
+    /// A container that is no longer running has no terminal to resize; like a resize that
+    /// races with its exit, that is not an error.
     pub async fn resize(&self, reference: &str, rows: u16, cols: u16) -> Result<(), EngineError> {
         let container = self.container(reference)?;
-        let session = self.running_session(&container).await?;
+        let Ok(session) = self.running_session(&container).await else {
+            return Ok(());
+        };
         let id = container.id.clone();
         session.call(move |a| a.resize_pty(&id, None, rows, cols)).await?;
         Ok(())
