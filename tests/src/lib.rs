@@ -4,6 +4,8 @@
 //! fixture first. The fixture says why it cannot run; a scenario then skips, except under CI
 //! (`CI=true`), where a tier that cannot run is a failure, never a silent skip.
 
+pub mod daemon;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
@@ -43,8 +45,8 @@ pub struct TestVm {
 }
 
 impl TestVm {
-    /// The fixture, or why it cannot be had here.
-    pub fn new() -> Result<Self, String> {
+    /// Whether the built kernel and initramfs are there, or what is missing.
+    pub fn assets_available() -> Result<Assets, String> {
         let assets = Assets::in_dir(Self::assets_dir());
         for path in [&assets.kernel, &assets.initramfs] {
             if !path.is_file() {
@@ -54,6 +56,12 @@ impl TestVm {
                 ));
             }
         }
+        Ok(assets)
+    }
+
+    /// The fixture, or why it cannot be had here.
+    pub fn new() -> Result<Self, String> {
+        let assets = Self::assets_available()?;
         let lock = VM_LOCK
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());

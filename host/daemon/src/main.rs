@@ -17,7 +17,11 @@ use tracing::info;
 
 /// berthd's command line.
 #[derive(Debug, Parser)]
-#[command(name = "berthd", version, about = "Berth daemon: the Docker Engine API backed by a micro-VM")]
+#[command(
+    name = "berthd",
+    version,
+    about = "Berth daemon: the Docker Engine API backed by a micro-VM"
+)]
 struct Args {
     /// The API socket (DOCKER_HOST=unix://<this>).
     #[arg(long, env = "BERTH_SOCKET")]
@@ -74,9 +78,11 @@ fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             anyhow::bail!("another daemon is serving {}", path.display());
         }
-        std::fs::remove_file(path).with_context(|| format!("removing the stale socket {}", path.display()))?;
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing the stale socket {}", path.display()))?;
     }
-    let listener = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("setting the mode of {}", path.display()))?;
     Ok(listener)
@@ -104,14 +110,21 @@ async fn main() -> anyhow::Result<()> {
         boot_timeout: Duration::from_secs(args.boot_timeout),
         extra_cmdline: Vec::new(),
     };
-    vm.check_assets().context("checking the VM's kernel and initramfs")?;
-    let engine = Engine::open(EngineConfig { data_root: data_root.clone(), vm })
-        .map_err(|e| anyhow::anyhow!(e.to_string()))
-        .context("opening the engine state")?;
+    vm.check_assets()
+        .context("checking the VM's kernel and initramfs")?;
+    let engine = Engine::open(EngineConfig {
+        data_root: data_root.clone(),
+        vm,
+    })
+    .map_err(|e| anyhow::anyhow!(e.to_string()))
+    .context("opening the engine state")?;
     let listener = bind_socket(&socket)?;
     info!(socket = %socket.display(), data = %data_root.display(), "berthd serving the Docker API");
     println!("berthd: listening on unix://{}", socket.display());
-    let server = tokio::spawn(berth_docker_api::serve(listener, std::sync::Arc::clone(&engine)));
+    let server = tokio::spawn(berth_docker_api::serve(
+        listener,
+        std::sync::Arc::clone(&engine),
+    ));
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}

@@ -61,7 +61,9 @@ pub fn json<T: Serialize>(status: StatusCode, value: &T) -> ApiResponse {
             bytes.push(b'\n');
             with_type(status, "application/json", Bytes::from(bytes))
         }
-        Err(e) => error(&ApiError::internal(format!("cannot encode the response: {e}"))),
+        Err(e) => error(&ApiError::internal(format!(
+            "cannot encode the response: {e}"
+        ))),
     }
 }
 
@@ -87,7 +89,10 @@ pub fn error(error: &ApiError) -> ApiResponse {
     if error.status == StatusCode::NOT_MODIFIED {
         return empty(StatusCode::NOT_MODIFIED);
     }
-    json(error.status, &serde_json::json!({ "message": error.message }))
+    json(
+        error.status,
+        &serde_json::json!({ "message": error.message }),
+    )
 }
 
 /// A 200 response whose body the returned sender streams; the body ends when it is dropped.

@@ -96,7 +96,9 @@ pub struct RestartPolicyBody {
 
 fn container_spec(body: CreateBody) -> ApiResult<ContainerSpec> {
     if body.image.is_empty() {
-        return Err(ApiError::bad_request("config cannot be empty in order to create a container"));
+        return Err(ApiError::bad_request(
+            "config cannot be empty in order to create a container",
+        ));
     }
     let host = body.host_config.unwrap_or_default();
     let mut binds = host.binds.unwrap_or_default();
@@ -108,7 +110,11 @@ fn container_spec(body: CreateBody) -> ApiResult<ContainerSpec> {
             "--volumes-from needs volumes, which this Berth does not provide yet",
         ));
     }
-    if host.port_bindings.as_ref().is_some_and(|p| p.values().any(|v| !v.is_null())) {
+    if host
+        .port_bindings
+        .as_ref()
+        .is_some_and(|p| p.values().any(|v| !v.is_null()))
+    {
         return Err(ApiError::bad_request(
             "publishing ports needs container networking, which this Berth does not provide yet",
         ));
@@ -172,7 +178,11 @@ fn container_spec(body: CreateBody) -> ApiResult<ContainerSpec> {
 }
 
 /// `POST /containers/create?name=`.
-pub async fn create(engine: &Arc<Engine>, query: &Query, request: Request<Incoming>) -> ApiResult<ApiResponse> {
+pub async fn create(
+    engine: &Arc<Engine>,
+    query: &Query,
+    request: Request<Incoming>,
+) -> ApiResult<ApiResponse> {
     let body: CreateBody = body::read_json(request.into_body()).await?;
     let spec = container_spec(body)?;
     let container = engine.create(query.get("name"), spec).await?;
@@ -191,7 +201,9 @@ pub fn list(engine: &Arc<Engine>, query: &Query) -> ApiResult<ApiResponse> {
     records.sort_by(|a, b| b.created.cmp(&a.created));
     let listed: Vec<Value> = records
         .iter()
-        .filter(|r| all || r.state.status.is_running() || filters.contains_key("status") || limit.is_some())
+        .filter(|r| {
+            all || r.state.status.is_running() || filters.contains_key("status") || limit.is_some()
+        })
         .filter(|r| matches_filters(r, &filters))
         .take(limit.map_or(usize::MAX, |l| l as usize))
         .map(summary)
@@ -206,12 +218,17 @@ fn matches_filters(record: &ContainerRecord, filters: &HashMap<String, Vec<Strin
                 "id" => record.id.starts_with(value.as_str()),
                 "name" => record.name.contains(value.trim_start_matches('/')),
                 "status" => record.state.status.as_str() == value,
-                "exited" => record.state.status == Status::Exited && record.state.exit_code.to_string() == *value,
+                "exited" => {
+                    record.state.status == Status::Exited
+                        && record.state.exit_code.to_string() == *value
+                }
                 "label" => match value.split_once('=') {
                     Some((k, v)) => record.spec.labels.get(k).is_some_and(|l| l == v),
                     None => record.spec.labels.contains_key(value.as_str()),
                 },
-                "ancestor" => record.spec.image == *value || record.image_id.contains(value.as_str()),
+                "ancestor" => {
+                    record.spec.image == *value || record.image_id.contains(value.as_str())
+                }
                 _ => true,
             })
     })
@@ -232,9 +249,19 @@ fn status_text(record: &ContainerRecord) -> String {
     let now = chrono::Utc::now().timestamp();
     match record.state.status {
         Status::Created => "Created".to_owned(),
-        Status::Running => format!("Up {}", human_duration(now - unix_seconds(&record.state.started_at))),
-        Status::Paused => format!("Up {} (Paused)", human_duration(now - unix_seconds(&record.state.started_at))),
-        Status::Restarting => format!("Restarting ({}) {} ago", record.state.exit_code, human_duration(now - unix_seconds(&record.state.finished_at))),
+        Status::Running => format!(
+            "Up {}",
+            human_duration(now - unix_seconds(&record.state.started_at))
+        ),
+        Status::Paused => format!(
+            "Up {} (Paused)",
+            human_duration(now - unix_seconds(&record.state.started_at))
+        ),
+        Status::Restarting => format!(
+            "Restarting ({}) {} ago",
+            record.state.exit_code,
+            human_duration(now - unix_seconds(&record.state.finished_at))
+        ),
         Status::Removing => "Removal In Progress".to_owned(),
         Status::Dead => "Dead".to_owned(),
         Status::Exited => format!(
@@ -306,7 +333,11 @@ pub fn inspect(engine: &Arc<Engine>, reference: &str) -> ApiResult<ApiResponse> 
         .chain(spec.cmd.iter().cloned())
         .next()
         .unwrap_or_default();
-    let hostname = if spec.hostname.is_empty() { record.id[..12].to_owned() } else { spec.hostname.clone() };
+    let hostname = if spec.hostname.is_empty() {
+        record.id[..12].to_owned()
+    } else {
+        spec.hostname.clone()
+    };
     let value = json!({
         "Id": record.id,
         "Created": record.created,
@@ -397,7 +428,11 @@ pub async fn stop(engine: &Arc<Engine>, reference: &str, query: &Query) -> ApiRe
 }
 
 /// `POST /containers/{id}/restart?t=`.
-pub async fn restart(engine: &Arc<Engine>, reference: &str, query: &Query) -> ApiResult<ApiResponse> {
+pub async fn restart(
+    engine: &Arc<Engine>,
+    reference: &str,
+    query: &Query,
+) -> ApiResult<ApiResponse> {
     let timeout = query.int("t")?.or(query.int("timeout")?);
     engine.restart(reference, timeout).await?;
     Ok(body::empty(StatusCode::NO_CONTENT))
@@ -429,7 +464,11 @@ pub fn rename(engine: &Arc<Engine>, reference: &str, query: &Query) -> ApiResult
 }
 
 /// `DELETE /containers/{id}?force=&v=`.
-pub async fn remove(engine: &Arc<Engine>, reference: &str, query: &Query) -> ApiResult<ApiResponse> {
+pub async fn remove(
+    engine: &Arc<Engine>,
+    reference: &str,
+    query: &Query,
+) -> ApiResult<ApiResponse> {
     engine.remove(reference, query.flag("force", false)).await?;
     Ok(body::empty(StatusCode::NO_CONTENT))
 }
@@ -440,8 +479,14 @@ pub async fn prune(engine: &Arc<Engine>, query: &Query) -> ApiResult<ApiResponse
     let mut deleted = Vec::new();
     for container in engine.list() {
         let record = container.record();
-        let stopped = matches!(record.state.status, Status::Exited | Status::Created | Status::Dead);
-        if stopped && matches_filters(&record, &filters) && engine.remove(&record.id, false).await.is_ok() {
+        let stopped = matches!(
+            record.state.status,
+            Status::Exited | Status::Created | Status::Dead
+        );
+        if stopped
+            && matches_filters(&record, &filters)
+            && engine.remove(&record.id, false).await.is_ok()
+        {
             deleted.push(record.id);
         }
     }
@@ -458,7 +503,11 @@ pub fn wait(engine: &Arc<Engine>, reference: &str, query: &Query) -> ApiResult<A
         "" | "not-running" => WaitCondition::NotRunning,
         "next-exit" => WaitCondition::NextExit,
         "removed" => WaitCondition::Removed,
-        other => return Err(ApiError::bad_request(format!("invalid condition: {other:?}"))),
+        other => {
+            return Err(ApiError::bad_request(format!(
+                "invalid condition: {other:?}"
+            )))
+        }
     };
     let waiting = engine.wait(reference, condition)?;
     let (response, sender) = body::streaming("application/json");
@@ -466,7 +515,9 @@ pub fn wait(engine: &Arc<Engine>, reference: &str, query: &Query) -> ApiResult<A
         let report = waiting.await;
         let error = report.error.map(|message| json!({ "Message": message }));
         let _ = sender
-            .send(json_line(&json!({ "StatusCode": report.code, "Error": error })))
+            .send(json_line(
+                &json!({ "StatusCode": report.code, "Error": error }),
+            ))
             .await;
     });
     Ok(response)
@@ -521,7 +572,11 @@ pub fn attach(
             LogStream::Stderr => want_stderr,
         };
         if replay {
-            let filter = LogFilter { stdout: want_stdout, stderr: want_stderr, ..LogFilter::default() };
+            let filter = LogFilter {
+                stdout: want_stdout,
+                stderr: want_stderr,
+                ..LogFilter::default()
+            };
             let path = logs::log_path(&container.dir);
             let records = tokio::task::spawn_blocking(move || logs::read_log(&path, &filter))
                 .await
@@ -529,7 +584,11 @@ pub fn attach(
                 .and_then(Result::ok)
                 .unwrap_or_default();
             for record in records {
-                if writer.write_all(&hijack::frame(tty, record.stream, &record.data)).await.is_err() {
+                if writer
+                    .write_all(&hijack::frame(tty, record.stream, &record.data))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -539,7 +598,11 @@ pub fn attach(
                 if !wanted(chunk.stream) {
                     continue;
                 }
-                if writer.write_all(&hijack::frame(tty, chunk.stream, &chunk.data)).await.is_err() {
+                if writer
+                    .write_all(&hijack::frame(tty, chunk.stream, &chunk.data))
+                    .await
+                    .is_err()
+                {
                     break;
                 }
             }
@@ -553,7 +616,11 @@ pub fn attach(
 }
 
 /// `POST /containers/{id}/resize?h=&w=`.
-pub async fn resize(engine: &Arc<Engine>, reference: &str, query: &Query) -> ApiResult<ApiResponse> {
+pub async fn resize(
+    engine: &Arc<Engine>,
+    reference: &str,
+    query: &Query,
+) -> ApiResult<ApiResponse> {
     let (rows, cols) = terminal_size(query)?;
     engine.resize(reference, rows, cols).await?;
     Ok(body::empty(StatusCode::OK))
@@ -563,7 +630,8 @@ pub async fn resize(engine: &Arc<Engine>, reference: &str, query: &Query) -> Api
 pub fn terminal_size(query: &Query) -> ApiResult<(u16, u16)> {
     let dimension = |key: &str| -> ApiResult<u16> {
         let value = query.int(key)?.unwrap_or(0);
-        u16::try_from(value).map_err(|_| ApiError::bad_request(format!("invalid terminal {key}: {value}")))
+        u16::try_from(value)
+            .map_err(|_| ApiError::bad_request(format!("invalid terminal {key}: {value}")))
     };
     Ok((dimension("h")?, dimension("w")?))
 }
@@ -575,11 +643,16 @@ pub fn logs(engine: &Arc<Engine>, reference: &str, query: &Query) -> ApiResult<A
     let stdout = query.flag("stdout", false);
     let stderr = query.flag("stderr", false);
     if !stdout && !stderr {
-        return Err(ApiError::bad_request("Bad parameters: you must choose at least one stream"));
+        return Err(ApiError::bad_request(
+            "Bad parameters: you must choose at least one stream",
+        ));
     }
     let tail = match query.get("tail") {
         None | Some("") | Some("all") => None,
-        Some(n) => Some(n.parse::<usize>().map_err(|_| ApiError::bad_request(format!("invalid tail: {n:?}")))?),
+        Some(n) => Some(
+            n.parse::<usize>()
+                .map_err(|_| ApiError::bad_request(format!("invalid tail: {n:?}")))?,
+        ),
     };
     let filter = LogFilter {
         since_nanos: parse_time(query.get("since"))?,
@@ -599,7 +672,9 @@ pub fn logs(engine: &Arc<Engine>, reference: &str, query: &Query) -> ApiResult<A
         (u64::MAX, None)
     };
     let (response, sender) = body::streaming(hijack::content_type(tty));
-    tokio::spawn(stream_logs(path, length, filter, live, timestamps, tty, sender));
+    tokio::spawn(stream_logs(
+        path, length, filter, live, timestamps, tty, sender,
+    ));
     Ok(response)
 }
 
@@ -614,11 +689,12 @@ async fn stream_logs(
 ) {
     let wanted = (filter.stdout, filter.stderr);
     let until = filter.until_nanos;
-    let records = tokio::task::spawn_blocking(move || logs::read_log_prefix(&path, length, &filter))
-        .await
-        .ok()
-        .and_then(Result::ok)
-        .unwrap_or_default();
+    let records =
+        tokio::task::spawn_blocking(move || logs::read_log_prefix(&path, length, &filter))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default();
     for record in records {
         if sender.send(render(&record, timestamps, tty)).await.is_err() {
             return;
@@ -639,7 +715,11 @@ async fn stream_logs(
         if !keep {
             continue;
         }
-        let record = LogRecord { stream: chunk.stream, time_nanos: now, data: chunk.data.to_vec() };
+        let record = LogRecord {
+            stream: chunk.stream,
+            time_nanos: now,
+            data: chunk.data.to_vec(),
+        };
         if sender.send(render(&record, timestamps, tty)).await.is_err() {
             return;
         }
@@ -672,10 +752,18 @@ fn parse_time(value: Option<&str>) -> ApiResult<Option<i64>> {
     let nanos: i64 = if fraction.is_empty() {
         0
     } else {
-        let digits: String = fraction.chars().chain(std::iter::repeat('0')).take(9).collect();
-        digits.parse().map_err(|_| ApiError::bad_request(format!("invalid time value: {value:?}")))?
+        let digits: String = fraction
+            .chars()
+            .chain(std::iter::repeat('0'))
+            .take(9)
+            .collect();
+        digits
+            .parse()
+            .map_err(|_| ApiError::bad_request(format!("invalid time value: {value:?}")))?
     };
-    Ok(Some(seconds.saturating_mul(1_000_000_000).saturating_add(nanos)))
+    Ok(Some(
+        seconds.saturating_mul(1_000_000_000).saturating_add(nanos),
+    ))
 }
 
 /// `GET /containers/{id}/top`.
@@ -705,7 +793,10 @@ pub async fn stats(engine: &Arc<Engine>, reference: &str, query: &Query) -> ApiR
     let first = engine.stats(&container.id).await?;
     let record = container.record();
     if !stream {
-        return Ok(body::json(StatusCode::OK, &stats_json(&record, first.as_ref(), None, cpus, memory_total)));
+        return Ok(body::json(
+            StatusCode::OK,
+            &stats_json(&record, first.as_ref(), None, cpus, memory_total),
+        ));
     }
     let (response, sender) = body::streaming("application/json");
     let engine = Arc::clone(engine);
@@ -714,7 +805,13 @@ pub async fn stats(engine: &Arc<Engine>, reference: &str, query: &Query) -> ApiR
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
             let current = engine.stats(&container.id).await.ok().flatten();
-            let value = stats_json(&container.record(), current.as_ref(), previous.as_ref(), cpus, memory_total);
+            let value = stats_json(
+                &container.record(),
+                current.as_ref(),
+                previous.as_ref(),
+                cpus,
+                memory_total,
+            );
             if sender.send(json_line(&value)).await.is_err() || current.is_none() {
                 return;
             }
@@ -733,9 +830,17 @@ fn stats_json(
 ) -> Value {
     let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
     let cpu = |s: Option<&berth_engine::ContainerStats>| {
-        let usage = s.and_then(|s| s.cpu.get("usage_usec")).copied().unwrap_or(0) * 1000;
+        let usage = s
+            .and_then(|s| s.cpu.get("usage_usec"))
+            .copied()
+            .unwrap_or(0)
+            * 1000;
         let user = s.and_then(|s| s.cpu.get("user_usec")).copied().unwrap_or(0) * 1000;
-        let system = s.and_then(|s| s.cpu.get("system_usec")).copied().unwrap_or(0) * 1000;
+        let system = s
+            .and_then(|s| s.cpu.get("system_usec"))
+            .copied()
+            .unwrap_or(0)
+            * 1000;
         json!({
             "cpu_usage": { "total_usage": usage, "usage_in_usermode": user, "usage_in_kernelmode": system },
             "system_cpu_usage": chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0) as u64 * u64::from(cpus),
@@ -783,7 +888,9 @@ mod tests {
 
     #[test]
     fn container_spec_empty_entrypoint_string_clears_entrypoint() {
-        let body: CreateBody = serde_json::from_str(r#"{"Image":"busybox","Entrypoint":[""],"Cmd":["true"]}"#).unwrap();
+        let body: CreateBody =
+            serde_json::from_str(r#"{"Image":"busybox","Entrypoint":[""],"Cmd":["true"]}"#)
+                .unwrap();
 
         let spec = container_spec(body).unwrap();
 
@@ -792,7 +899,9 @@ mod tests {
 
     #[test]
     fn container_spec_null_entrypoint_keeps_image_entrypoint() {
-        let body: CreateBody = serde_json::from_str(r#"{"Image":"busybox","Entrypoint":null,"Cmd":"echo hi"}"#).unwrap();
+        let body: CreateBody =
+            serde_json::from_str(r#"{"Image":"busybox","Entrypoint":null,"Cmd":"echo hi"}"#)
+                .unwrap();
 
         let spec = container_spec(body).unwrap();
 

@@ -43,7 +43,11 @@ pub struct ExecStartBody {
 }
 
 /// `POST /containers/{id}/exec`.
-pub async fn create(engine: &Arc<Engine>, reference: &str, request: Request<Incoming>) -> ApiResult<ApiResponse> {
+pub async fn create(
+    engine: &Arc<Engine>,
+    reference: &str,
+    request: Request<Incoming>,
+) -> ApiResult<ApiResponse> {
     let body: ExecCreateBody = body::read_json(request.into_body()).await?;
     if body.privileged {
         return Err(crate::error::ApiError::bad_request(
@@ -59,14 +63,21 @@ pub async fn create(engine: &Arc<Engine>, reference: &str, request: Request<Inco
         attach_stdin: body.attach_stdin,
         attach_stdout: body.attach_stdout,
         attach_stderr: body.attach_stderr,
-        console_size: body.console_size.filter(|s| s.len() == 2).map(|s| (s[0], s[1])),
+        console_size: body
+            .console_size
+            .filter(|s| s.len() == 2)
+            .map(|s| (s[0], s[1])),
     };
     let id = engine.exec_create(reference, spec)?;
     Ok(body::json(StatusCode::CREATED, &json!({ "Id": id })))
 }
 
 /// `POST /exec/{id}/start`: detached, or hijacked with the process's stdio.
-pub async fn start(engine: &Arc<Engine>, id: &str, mut request: Request<Incoming>) -> ApiResult<ApiResponse> {
+pub async fn start(
+    engine: &Arc<Engine>,
+    id: &str,
+    mut request: Request<Incoming>,
+) -> ApiResult<ApiResponse> {
     let exec = engine.exec(id)?;
     // The upgrade is taken before the body is read, which consumes the request.
     let on_upgrade = hijack::request_upgrade(&mut request);
@@ -93,7 +104,11 @@ pub async fn start(engine: &Arc<Engine>, id: &str, mut request: Request<Incoming
             return;
         };
         let (mut reader, mut writer) = tokio::io::split(client);
-        let ExecIo { outputs, stdin, mut done } = io;
+        let ExecIo {
+            outputs,
+            stdin,
+            mut done,
+        } = io;
         let input = stdin.map(|mut stdin| {
             tokio::spawn(async move {
                 let mut buffer = vec![0u8; 32 * 1024];
@@ -123,7 +138,11 @@ pub async fn start(engine: &Arc<Engine>, id: &str, mut request: Request<Incoming
                     match output.read(&mut buffer).await {
                         Ok(0) | Err(_) => return,
                         Ok(n) if wanted => {
-                            if sender.send(hijack::frame(tty, stream, &buffer[..n])).await.is_err() {
+                            if sender
+                                .send(hijack::frame(tty, stream, &buffer[..n]))
+                                .await
+                                .is_err()
+                            {
                                 return;
                             }
                         }
@@ -173,7 +192,13 @@ pub async fn resize(engine: &Arc<Engine>, id: &str, query: &Query) -> ApiResult<
 pub fn inspect(engine: &Arc<Engine>, id: &str) -> ApiResult<ApiResponse> {
     let exec = engine.exec(id)?;
     let state = exec.state();
-    let (entrypoint, arguments) = exec.spec.cmd.split_first().map_or((String::new(), Vec::new()), |(first, rest)| (first.clone(), rest.to_vec()));
+    let (entrypoint, arguments) = exec
+        .spec
+        .cmd
+        .split_first()
+        .map_or((String::new(), Vec::new()), |(first, rest)| {
+            (first.clone(), rest.to_vec())
+        });
     Ok(body::json(
         StatusCode::OK,
         &json!({

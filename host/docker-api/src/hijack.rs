@@ -55,7 +55,9 @@ pub fn switching_protocols(tty: bool) -> ApiResponse {
 
 /// Why a stream endpoint was called without an upgrade.
 pub fn upgrade_required() -> ApiError {
-    ApiError::bad_request("this endpoint streams both ways: send Connection: Upgrade and Upgrade: tcp")
+    ApiError::bad_request(
+        "this endpoint streams both ways: send Connection: Upgrade and Upgrade: tcp",
+    )
 }
 
 /// Takes the upgrade from `request` and builds the `101` answer.

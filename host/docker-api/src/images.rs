@@ -121,7 +121,12 @@ pub async fn list(engine: &Arc<Engine>, query: &Query) -> ApiResult<ApiResponse>
                         "dangling" => (v == "true") == image.repo_tags.is_empty(),
                         "reference" => image.repo_tags.iter().any(|t| reference_matches(v, t)),
                         "label" => {
-                            let labels = image.config.config().as_ref().and_then(|c| c.labels().clone()).unwrap_or_default();
+                            let labels = image
+                                .config
+                                .config()
+                                .as_ref()
+                                .and_then(|c| c.labels().clone())
+                                .unwrap_or_default();
                             match v.split_once('=') {
                                 Some((k, val)) => labels.get(k).is_some_and(|l| l == val),
                                 None => labels.contains_key(v.as_str()),
@@ -160,8 +165,9 @@ fn glob(pattern: &str, text: &str) -> bool {
         None => pattern == text,
         Some((prefix, rest)) => {
             text.starts_with(prefix)
-                && (0..=text.len() - prefix.len())
-                    .any(|i| text.is_char_boundary(prefix.len() + i) && glob(rest, &text[prefix.len() + i..]))
+                && (0..=text.len() - prefix.len()).any(|i| {
+                    text.is_char_boundary(prefix.len() + i) && glob(rest, &text[prefix.len() + i..])
+                })
         }
     }
 }
@@ -243,7 +249,9 @@ pub async fn history(engine: &Arc<Engine>, name: &str) -> ApiResult<ApiResponse>
 pub async fn tag(engine: &Arc<Engine>, name: &str, query: &Query) -> ApiResult<ApiResponse> {
     let repo = query.get("repo").unwrap_or("").to_owned();
     if repo.is_empty() {
-        return Err(ApiError::bad_request("repository name must have at least one component"));
+        return Err(ApiError::bad_request(
+            "repository name must have at least one component",
+        ));
     }
     let target = match query.get("tag").filter(|t| !t.is_empty()) {
         Some(tag) => format!("{repo}:{tag}"),
@@ -273,7 +281,9 @@ pub async fn remove(engine: &Arc<Engine>, name: &str, query: &Query) -> ApiResul
     let store = Arc::clone(&engine.images);
     let users_engine = Arc::clone(engine);
     let reference = name.to_owned();
-    let events = blocking(move || store.remove(&reference, force, &|id| users_engine.image_user(id))).await?;
+    let events =
+        blocking(move || store.remove(&reference, force, &|id| users_engine.image_user(id)))
+            .await?;
     for event in &events {
         match event {
             RemoveEvent::Untagged(r) => engine.events.emit("image", "untag", r.clone(), []),
@@ -291,7 +301,8 @@ pub async fn prune(engine: &Arc<Engine>, query: &Query) -> ApiResult<ApiResponse
         .is_some_and(|v| v.iter().any(|d| d == "false" || d == "0"));
     let store = Arc::clone(&engine.images);
     let users_engine = Arc::clone(engine);
-    let (events, reclaimed) = blocking(move || store.prune(all, &|id| users_engine.image_user(id))).await?;
+    let (events, reclaimed) =
+        blocking(move || store.prune(all, &|id| users_engine.image_user(id))).await?;
     Ok(body::json(
         StatusCode::OK,
         &json!({ "ImagesDeleted": render_events(&events), "SpaceReclaimed": reclaimed }),
@@ -300,7 +311,11 @@ pub async fn prune(engine: &Arc<Engine>, query: &Query) -> ApiResult<ApiResponse
 
 /// `POST /images/load?quiet=`: a docker-archive or OCI layout tar, answered with a JSON
 /// stream of what was loaded.
-pub async fn load(engine: &Arc<Engine>, query: &Query, request: Request<Incoming>) -> ApiResult<ApiResponse> {
+pub async fn load(
+    engine: &Arc<Engine>,
+    query: &Query,
+    request: Request<Incoming>,
+) -> ApiResult<ApiResponse> {
     let quiet = query.flag("quiet", false);
     let reader = BodyReader::spawn(request.into_body());
     let store = Arc::clone(&engine.images);
@@ -316,13 +331,20 @@ pub async fn load(engine: &Arc<Engine>, query: &Query, request: Request<Incoming
         .await;
         let (loaded, lines) = match result {
             Ok(done) => done,
-            Err(e) => (Err(berth_engine::images::ImageError::InvalidArchive(e.to_string())), Vec::new()),
+            Err(e) => (
+                Err(berth_engine::images::ImageError::InvalidArchive(
+                    e.to_string(),
+                )),
+                Vec::new(),
+            ),
         };
         match loaded {
             Ok(images) => {
                 if !quiet {
                     for line in lines {
-                        let _ = progress_sender.send(json_line(&json!({ "stream": format!("{line}\n") }))).await;
+                        let _ = progress_sender
+                            .send(json_line(&json!({ "stream": format!("{line}\n") })))
+                            .await;
                     }
                 }
                 for image in images {
@@ -332,7 +354,9 @@ pub async fn load(engine: &Arc<Engine>, query: &Query, request: Request<Incoming
             Err(e) => {
                 let message = berth_engine::vm::error_chain(&e);
                 let _ = sender
-                    .send(json_line(&json!({ "errorDetail": { "message": message }, "error": message })))
+                    .send(json_line(
+                        &json!({ "errorDetail": { "message": message }, "error": message }),
+                    ))
                     .await;
             }
         }
@@ -359,14 +383,21 @@ pub fn save(engine: &Arc<Engine>, names: Vec<&str>) -> ApiResult<ApiResponse> {
 
 /// `POST /images/create`: `fromSrc` imports a rootfs tarball; pulling from a registry
 /// (`fromImage`) is answered in the progress stream.
-pub async fn create(engine: &Arc<Engine>, query: &Query, request: Request<Incoming>) -> ApiResult<ApiResponse> {
+pub async fn create(
+    engine: &Arc<Engine>,
+    query: &Query,
+    request: Request<Incoming>,
+) -> ApiResult<ApiResponse> {
     if let Some(source) = query.get("fromSrc") {
         if source != "-" {
             return Err(ApiError::bad_request(
                 "importing from a URL is not supported; send the tarball in the request body",
             ));
         }
-        let reference = match (query.get("repo").filter(|r| !r.is_empty()), query.get("tag").filter(|t| !t.is_empty())) {
+        let reference = match (
+            query.get("repo").filter(|r| !r.is_empty()),
+            query.get("tag").filter(|t| !t.is_empty()),
+        ) {
             (Some(repo), Some(tag)) => Some(format!("{repo}:{tag}")),
             (Some(repo), None) => Some(repo.to_owned()),
             _ => None,
@@ -393,7 +424,12 @@ pub async fn create(engine: &Arc<Engine>, query: &Query, request: Request<Incomi
     let events = Arc::clone(engine);
     transfer(move |progress| {
         let image = registry::pull(&store, &reference, auth.as_ref(), progress)?;
-        events.events.emit("image", "pull", reference.clone(), [("name", reference.clone())]);
+        events.events.emit(
+            "image",
+            "pull",
+            reference.clone(),
+            [("name", reference.clone())],
+        );
         Ok(image.id)
     })
     .await
@@ -420,13 +456,12 @@ async fn transfer<T: Send + 'static>(
         + 'static,
 ) -> ApiResult<ApiResponse> {
     let (sender, mut receiver) = mpsc::channel::<Bytes>(64);
+    // The task owns the only sender: the receiver ends exactly when the work is done.
     let task = tokio::task::spawn_blocking(move || {
-        let progress_sender = sender.clone();
         let mut progress = move |event: Progress| {
-            let _ = progress_sender.blocking_send(json_line(&event.to_json()));
+            let _ = sender.blocking_send(json_line(&event.to_json()));
         };
-        let result = work(&mut progress);
-        (result, sender)
+        work(&mut progress)
     });
     let first = receiver.recv().await;
     let (response, body) = body::streaming("application/json");
@@ -436,8 +471,8 @@ async fn transfer<T: Send + 'static>(
         }
         None => {
             // The work ended without progress: its result decides the status.
-            let (result, _) = task.await.map_err(|e| ApiError::internal(e.to_string()))?;
-            result?;
+            task.await
+                .map_err(|e| ApiError::internal(e.to_string()))??;
             return Ok(response);
         }
     }
@@ -447,10 +482,12 @@ async fn transfer<T: Send + 'static>(
                 break;
             }
         }
-        if let Ok((Err(e), _)) = task.await {
+        if let Ok(Err(e)) = task.await {
             let message = berth_engine::vm::error_chain(&e);
             let _ = body
-                .send(json_line(&json!({ "errorDetail": { "message": message }, "error": message })))
+                .send(json_line(
+                    &json!({ "errorDetail": { "message": message }, "error": message }),
+                ))
                 .await;
         }
     });
@@ -458,7 +495,12 @@ async fn transfer<T: Send + 'static>(
 }
 
 /// `POST /images/{name}/push`.
-pub async fn push(engine: &Arc<Engine>, name: &str, query: &Query, request: Request<Incoming>) -> ApiResult<ApiResponse> {
+pub async fn push(
+    engine: &Arc<Engine>,
+    name: &str,
+    query: &Query,
+    request: Request<Incoming>,
+) -> ApiResult<ApiResponse> {
     let reference = match query.get("tag").filter(|t| !t.is_empty()) {
         Some(tag) => format!("{name}:{tag}"),
         None => name.to_owned(),
@@ -468,7 +510,12 @@ pub async fn push(engine: &Arc<Engine>, name: &str, query: &Query, request: Requ
     let events = Arc::clone(engine);
     transfer(move |progress| {
         let digest = registry::push(&store, &reference, auth.as_ref(), progress)?;
-        events.events.emit("image", "push", reference.clone(), [("name", reference.clone())]);
+        events.events.emit(
+            "image",
+            "push",
+            reference.clone(),
+            [("name", reference.clone())],
+        );
         Ok(digest)
     })
     .await

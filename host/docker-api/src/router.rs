@@ -75,7 +75,10 @@ pub async fn route(engine: Arc<Engine>, request: Request<Incoming>) -> ApiRespon
         ("docker-experimental", "false"),
         ("builder-version", "1"),
     ] {
-        headers.insert(HeaderName::from_static(name), HeaderValue::from_static(value));
+        headers.insert(
+            HeaderName::from_static(name),
+            HeaderValue::from_static(value),
+        );
     }
     if let Ok(server) = HeaderValue::from_str(&format!("Docker/{ENGINE_VERSION} (linux)")) {
         headers.insert(hyper::header::SERVER, server);
@@ -86,7 +89,11 @@ pub async fn route(engine: Arc<Engine>, request: Request<Incoming>) -> ApiRespon
 /// Image paths end with an action after a name that may itself contain slashes.
 const IMAGE_ACTIONS: &[&str] = &["json", "tag", "push", "history", "get"];
 
-async fn dispatch(engine: Arc<Engine>, path: String, request: Request<Incoming>) -> ApiResult<ApiResponse> {
+async fn dispatch(
+    engine: Arc<Engine>,
+    path: String,
+    request: Request<Incoming>,
+) -> ApiResult<ApiResponse> {
     let method = request.method().clone();
     let query = Query::parse(request.uri().query());
     let trimmed = path.trim_start_matches('/').trim_end_matches('/');
@@ -111,7 +118,9 @@ async fn dispatch(engine: Arc<Engine>, path: String, request: Request<Incoming>)
         (&M::POST, ["containers", id, "pause"]) => containers::pause(&engine, id).await,
         (&M::POST, ["containers", id, "unpause"]) => containers::unpause(&engine, id).await,
         (&M::POST, ["containers", id, "wait"]) => containers::wait(&engine, id, &query),
-        (&M::POST, ["containers", id, "attach"]) => containers::attach(&engine, id, &query, request),
+        (&M::POST, ["containers", id, "attach"]) => {
+            containers::attach(&engine, id, &query, request)
+        }
         (&M::POST, ["containers", id, "resize"]) => containers::resize(&engine, id, &query).await,
         (&M::POST, ["containers", id, "rename"]) => containers::rename(&engine, id, &query),
         (&M::GET, ["containers", id, "top"]) => containers::top(&engine, id, &query).await,
@@ -128,9 +137,7 @@ async fn dispatch(engine: Arc<Engine>, path: String, request: Request<Incoming>)
         (&M::POST, ["images", "create"]) => images::create(&engine, &query, request).await,
         (&M::POST, ["images", "prune"]) => images::prune(&engine, &query).await,
         (&M::GET, ["images", "get"]) => images::save(&engine, query.all("names")),
-        (_, ["images", ..]) => {
-            image_route(&engine, &method, &segments[1..], &query, request).await
-        }
+        (_, ["images", ..]) => image_route(&engine, &method, &segments[1..], &query, request).await,
         _ => Err(ApiError::new(StatusCode::NOT_FOUND, "page not found")),
     }
 }
@@ -167,8 +174,14 @@ mod tests {
 
     #[test]
     fn split_version_prefix_is_removed() {
-        assert_eq!(split_version("/v1.41/containers/json"), (Some("1.41"), "/containers/json"));
-        assert_eq!(split_version("/containers/json"), (None, "/containers/json"));
+        assert_eq!(
+            split_version("/v1.41/containers/json"),
+            (Some("1.41"), "/containers/json")
+        );
+        assert_eq!(
+            split_version("/containers/json"),
+            (None, "/containers/json")
+        );
         assert_eq!(split_version("/version"), (None, "/version"));
     }
 
@@ -177,7 +190,11 @@ mod tests {
         let error = check_version("1.12").unwrap_err();
 
         assert_eq!(error.status, StatusCode::BAD_REQUEST);
-        assert!(error.message.starts_with("client version 1.12 is too old"), "{}", error.message);
+        assert!(
+            error.message.starts_with("client version 1.12 is too old"),
+            "{}",
+            error.message
+        );
     }
 
     #[test]

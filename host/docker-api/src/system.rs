@@ -18,9 +18,10 @@ pub fn ping(method: &Method) -> ApiResponse {
     if *method == Method::HEAD {
         *response.body_mut() = body::ApiBody::Full(http_body_util::Full::new(bytes::Bytes::new()));
     }
-    response
-        .headers_mut()
-        .insert(hyper::header::CACHE_CONTROL, hyper::header::HeaderValue::from_static("no-cache, no-store, must-revalidate"));
+    response.headers_mut().insert(
+        hyper::header::CACHE_CONTROL,
+        hyper::header::HeaderValue::from_static("no-cache, no-store, must-revalidate"),
+    );
     response
 }
 
@@ -134,11 +135,17 @@ pub fn events(engine: &Arc<Engine>, query: &Query) -> ApiResult<ApiResponse> {
                 values.is_empty()
                     || values.iter().any(|v| match name.as_str() {
                         "type" => event.kind == v,
-                        "event" | "action" => event.action == *v || event.action.starts_with(&format!("{v}:")),
-                        "container" | "image" => {
-                            event.actor_id.starts_with(v.as_str()) || event.attributes.get("name") == Some(v)
+                        "event" | "action" => {
+                            event.action == *v || event.action.starts_with(&format!("{v}:"))
                         }
-                        "label" => event.attributes.get(v.split('=').next().unwrap_or(v)).is_some(),
+                        "container" | "image" => {
+                            event.actor_id.starts_with(v.as_str())
+                                || event.attributes.get("name") == Some(v)
+                        }
+                        "label" => event
+                            .attributes
+                            .get(v.split('=').next().unwrap_or(v))
+                            .is_some(),
                         _ => true,
                     })
             })

@@ -113,7 +113,9 @@ impl Engine {
             _ => return Err(EngineError::NotRunning(container.id.clone())),
         }
         if spec.cmd.is_empty() {
-            return Err(EngineError::InvalidArgument("No exec command specified".into()));
+            return Err(EngineError::InvalidArgument(
+                "No exec command specified".into(),
+            ));
         }
         let id = new_id();
         let exec = Arc::new(Exec {
@@ -180,12 +182,15 @@ impl Engine {
             .clone()
             .ok_or_else(|| EngineError::InvalidArgument("no process in the default spec".into()))?;
         process.set_env(Some(env));
-        let cwd = [exec.spec.working_dir.as_str(), record.spec.working_dir.as_str()]
-            .into_iter()
-            .find(|d| !d.is_empty())
-            .map(str::to_owned)
-            .or_else(|| image_config.working_dir().clone().filter(|d| !d.is_empty()))
-            .unwrap_or_else(|| "/".to_owned());
+        let cwd = [
+            exec.spec.working_dir.as_str(),
+            record.spec.working_dir.as_str(),
+        ]
+        .into_iter()
+        .find(|d| !d.is_empty())
+        .map(str::to_owned)
+        .or_else(|| image_config.working_dir().clone().filter(|d| !d.is_empty()))
+        .unwrap_or_else(|| "/".to_owned());
         process.set_cwd(cwd.into());
         let user = [exec.spec.user.as_str(), record.spec.user.as_str()]
             .into_iter()
@@ -223,7 +228,10 @@ impl Engine {
         let mut outputs: Vec<(LogStream, ExecReader)> = Vec::new();
         let mut stdin: Option<ExecWriter> = None;
         if exec.spec.tty {
-            let (read, write) = session.open_stream(header(StreamKind::Pty)).await?.into_split();
+            let (read, write) = session
+                .open_stream(header(StreamKind::Pty))
+                .await?
+                .into_split();
             outputs.push((LogStream::Stdout, Box::pin(read)));
             if exec.spec.attach_stdin {
                 stdin = Some(Box::pin(write));
@@ -234,7 +242,9 @@ impl Engine {
             outputs.push((LogStream::Stdout, Box::pin(out)));
             outputs.push((LogStream::Stderr, Box::pin(err)));
             if exec.spec.attach_stdin {
-                stdin = Some(Box::pin(session.open_stream(header(StreamKind::Stdin)).await?));
+                stdin = Some(Box::pin(
+                    session.open_stream(header(StreamKind::Stdin)).await?,
+                ));
             }
         }
         let done = exec.done.subscribe();
@@ -262,7 +272,10 @@ impl Engine {
                 "container",
                 "exec_die",
                 &waiter_exec.container_id,
-                [("execID", waiter_exec.id.clone()), ("exitCode", code.to_string())],
+                [
+                    ("execID", waiter_exec.id.clone()),
+                    ("exitCode", code.to_string()),
+                ],
             );
             waiter_exec.done.send_replace(true);
         });

@@ -614,7 +614,12 @@ impl Engine {
 
     /// Follows one run of a container to its end, then records the exit and applies
     /// `--rm` or the restart policy.
-    async fn supervise(self: Arc<Self>, container: Arc<Container>, session: Arc<Session>, io: RunIo) {
+    async fn supervise(
+        self: Arc<Self>,
+        container: Arc<Container>,
+        session: Arc<Session>,
+        io: RunIo,
+    ) {
         let id = container.id.clone();
         let waited = session.call_dedicated(move |a| a.wait_container(&id)).await;
         // Output ends after the process's last byte; the exit is reported only after it.
@@ -652,7 +657,12 @@ impl Engine {
                 container.record()
             });
         if oom_killed {
-            self.events.emit("container", "oom", &container.id, [("name", record.name.clone())]);
+            self.events.emit(
+                "container",
+                "oom",
+                &container.id,
+                [("name", record.name.clone())],
+            );
         }
         self.events.emit(
             "container",
@@ -678,7 +688,8 @@ impl Engine {
         }
         let policy = &record.spec.host.restart_policy;
         if policy.should_restart(code, record.restart_count, record.stopped_by_user) {
-            self.restart_by_policy(container, record.restart_count).await;
+            self.restart_by_policy(container, record.restart_count)
+                .await;
         }
     }
 
@@ -688,7 +699,8 @@ impl Engine {
             r.restart_count += 1;
         });
         // Docker's back-off: 100 ms doubling, at most a minute.
-        let delay = Duration::from_millis(100u64 << restarts.clamp(0, 9) as u32).min(Duration::from_secs(60));
+        let delay = Duration::from_millis(100u64 << restarts.clamp(0, 9) as u32)
+            .min(Duration::from_secs(60));
         tokio::time::sleep(delay).await;
         let _lifecycle = container.lifecycle.lock().await;
         if container.status() != Status::Restarting || container.record().stopped_by_user {
@@ -737,8 +749,9 @@ impl Engine {
             .map(str::to_owned)
             .or_else(|| Some(record.spec.stop_signal.clone()).filter(|s| !s.is_empty()))
             .unwrap_or_else(|| "SIGTERM".to_owned());
-        let number = spec::parse_signal(&signal_name)
-            .ok_or_else(|| EngineError::InvalidArgument(format!("Invalid signal: {signal_name}")))?;
+        let number = spec::parse_signal(&signal_name).ok_or_else(|| {
+            EngineError::InvalidArgument(format!("Invalid signal: {signal_name}"))
+        })?;
         let timeout = timeout
             .or(record.spec.stop_timeout)
             .unwrap_or(DEFAULT_STOP_TIMEOUT);
@@ -752,13 +765,17 @@ impl Engine {
             exits.changed().await.is_ok()
         } else {
             let limit = Duration::from_secs(timeout as u64);
-            matches!(tokio::time::timeout(limit, exits.changed()).await, Ok(Ok(())))
+            matches!(
+                tokio::time::timeout(limit, exits.changed()).await,
+                Ok(Ok(()))
+            )
         };
         if !waited {
             self.signal_in_guest(container, libc::SIGKILL).await?;
             let _ = tokio::time::timeout(KILL_WAIT, exits.changed()).await;
         }
-        self.events.emit("container", "stop", &container.id, [("name", record.name)]);
+        self.events
+            .emit("container", "stop", &container.id, [("name", record.name)]);
         Ok(())
     }
 
@@ -781,8 +798,9 @@ impl Engine {
     pub async fn kill(&self, reference: &str, signal: Option<&str>) -> Result<(), EngineError> {
         let container = self.container(reference)?;
         let signal_name = signal.filter(|s| !s.is_empty()).unwrap_or("SIGKILL");
-        let number = spec::parse_signal(signal_name)
-            .ok_or_else(|| EngineError::InvalidArgument(format!("Invalid signal: {signal_name}")))?;
+        let number = spec::parse_signal(signal_name).ok_or_else(|| {
+            EngineError::InvalidArgument(format!("Invalid signal: {signal_name}"))
+        })?;
         match container.status() {
             Status::Running => {}
             Status::Paused => return Err(EngineError::Paused(container.id.clone())),
@@ -796,13 +814,20 @@ impl Engine {
             "container",
             "kill",
             &container.id,
-            [("name", container.record().name), ("signal", number.to_string())],
+            [
+                ("name", container.record().name),
+                ("signal", number.to_string()),
+            ],
         );
         Ok(())
     }
 
     /// `docker restart`.
-    pub async fn restart(self: &Arc<Self>, reference: &str, timeout: Option<i64>) -> Result<(), EngineError> {
+    pub async fn restart(
+        self: &Arc<Self>,
+        reference: &str,
+        timeout: Option<i64>,
+    ) -> Result<(), EngineError> {
         let container = self.container(reference)?;
         let _lifecycle = container.lifecycle.lock().await;
         match self.stop_locked(&container, None, timeout).await {
@@ -820,7 +845,12 @@ impl Engine {
             .update(|r| r.stopped_by_user = false)
             .map_err(|e| EngineError::Io("store the container", e))?;
         self.launch(&container).await?;
-        self.events.emit("container", "restart", &container.id, [("name", container.record().name)]);
+        self.events.emit(
+            "container",
+            "restart",
+            &container.id,
+            [("name", container.record().name)],
+        );
         Ok(())
     }
 
@@ -829,14 +859,24 @@ impl Engine {
         let container = self.container(reference)?;
         match container.status() {
             Status::Running => {}
-            Status::Paused => return Err(EngineError::InvalidArgument(format!("Container {} is already paused", container.id))),
+            Status::Paused => {
+                return Err(EngineError::InvalidArgument(format!(
+                    "Container {} is already paused",
+                    container.id
+                )))
+            }
             _ => return Err(EngineError::NotRunning(container.id.clone())),
         }
         let session = self.running_session(&container).await?;
         let id = container.id.clone();
         session.call(move |a| a.pause_container(&id)).await?;
         let _ = container.update(|r| r.state.status = Status::Paused);
-        self.events.emit("container", "pause", &container.id, [("name", container.record().name)]);
+        self.events.emit(
+            "container",
+            "pause",
+            &container.id,
+            [("name", container.record().name)],
+        );
         Ok(())
     }
 
@@ -847,7 +887,12 @@ impl Engine {
             return Err(EngineError::NotPaused(container.id.clone()));
         }
         self.resume_in_guest(&container).await?;
-        self.events.emit("container", "unpause", &container.id, [("name", container.record().name)]);
+        self.events.emit(
+            "container",
+            "unpause",
+            &container.id,
+            [("name", container.record().name)],
+        );
         Ok(())
     }
 
@@ -863,7 +908,11 @@ impl Engine {
         Ok(())
     }
 
-    async fn signal_in_guest(&self, container: &Arc<Container>, signal: i32) -> Result<(), EngineError> {
+    async fn signal_in_guest(
+        &self,
+        container: &Arc<Container>,
+        signal: i32,
+    ) -> Result<(), EngineError> {
         let session = self.running_session(container).await?;
         let id = container.id.clone();
         session
@@ -873,7 +922,10 @@ impl Engine {
     }
 
     /// The session a running container runs in.
-    pub(crate) async fn running_session(&self, container: &Arc<Container>) -> Result<Arc<Session>, EngineError> {
+    pub(crate) async fn running_session(
+        &self,
+        container: &Arc<Container>,
+    ) -> Result<Arc<Session>, EngineError> {
         let session = self
             .machine
             .current()
@@ -902,7 +954,8 @@ impl Engine {
         let status = container.status();
         Ok(async move {
             match condition {
-                WaitCondition::NotRunning if !status.is_running() && status != Status::Restarting => {}
+                WaitCondition::NotRunning
+                    if !status.is_running() && status != Status::Restarting => {}
                 WaitCondition::NotRunning | WaitCondition::NextExit => {
                     let _ = exits.changed().await;
                 }
@@ -925,7 +978,9 @@ impl Engine {
             return Ok(());
         };
         let id = container.id.clone();
-        session.call(move |a| a.resize_pty(&id, None, rows, cols)).await?;
+        session
+            .call(move |a| a.resize_pty(&id, None, rows, cols))
+            .await?;
         Ok(())
     }
 
@@ -938,7 +993,10 @@ impl Engine {
     }
 
     /// One sample of `docker stats`.
-    pub async fn stats(&self, reference: &str) -> Result<Option<agent_protocol::ContainerStats>, EngineError> {
+    pub async fn stats(
+        &self,
+        reference: &str,
+    ) -> Result<Option<agent_protocol::ContainerStats>, EngineError> {
         let container = self.container(reference)?;
         let Ok(session) = self.running_session(&container).await else {
             return Ok(None);
@@ -1002,11 +1060,9 @@ async fn pump_output(
     }
 }
 
-async fn pump_stdin(
-    mut receiver: tokio::sync::mpsc::Receiver<StdinMessage>,
-    target: StdinTarget,
-) {
-    let (mut writer, is_pipe): (Box<dyn tokio::io::AsyncWrite + Send + Unpin>, bool) = match target {
+async fn pump_stdin(mut receiver: tokio::sync::mpsc::Receiver<StdinMessage>, target: StdinTarget) {
+    let (mut writer, is_pipe): (Box<dyn tokio::io::AsyncWrite + Send + Unpin>, bool) = match target
+    {
         StdinTarget::Pipe(stream) => (Box::new(stream), true),
         StdinTarget::Pty(half) => (Box::new(half), false),
     };

@@ -169,13 +169,18 @@ mod tests {
         let hub = OutputHub::open(&log_path(dir.path())).unwrap();
         let mut receiver = hub.subscribe();
 
-        hub.publish(LogStream::Stdout, Bytes::from_static(b"hi\n")).await;
+        hub.publish(LogStream::Stdout, Bytes::from_static(b"hi\n"))
+            .await;
         hub.end_run();
 
         let chunk = receiver.recv().await.unwrap();
         assert_eq!(&chunk.data[..], b"hi\n");
         assert!(receiver.recv().await.is_none());
-        let filter = LogFilter { stdout: true, stderr: true, ..LogFilter::default() };
+        let filter = LogFilter {
+            stdout: true,
+            stderr: true,
+            ..LogFilter::default()
+        };
         assert_eq!(read_log(&log_path(dir.path()), &filter).unwrap().len(), 1);
     }
 
@@ -184,10 +189,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = log_path(dir.path());
         let hub = OutputHub::open(&path).unwrap();
-        hub.publish(LogStream::Stdout, Bytes::from_static(b"before\n")).await;
+        hub.publish(LogStream::Stdout, Bytes::from_static(b"before\n"))
+            .await;
 
         let (length, mut receiver) = hub.subscribe_at(&path);
-        hub.publish(LogStream::Stdout, Bytes::from_static(b"after\n")).await;
+        hub.publish(LogStream::Stdout, Bytes::from_static(b"after\n"))
+            .await;
 
         assert_eq!(length, std::fs::metadata(&path).unwrap().len() - (13 + 6));
         assert_eq!(&receiver.recv().await.unwrap().data[..], b"after\n");

@@ -98,7 +98,10 @@ impl LogWriter {
 
     /// Writes unfinished lines as they are (the process ended, or will write no more).
     pub fn flush(&mut self) -> io::Result<()> {
-        for (slot, stream) in [LogStream::Stdout, LogStream::Stderr].into_iter().enumerate() {
+        for (slot, stream) in [LogStream::Stdout, LogStream::Stderr]
+            .into_iter()
+            .enumerate()
+        {
             let (buffer, started) = &mut self.partial[slot];
             if !buffer.is_empty() {
                 let time = *started;
@@ -213,7 +216,10 @@ mod tests {
         log.write(LogStream::Stderr, b"oops\n", 3).unwrap();
 
         let records = read_log(&path, &both()).unwrap();
-        let lines: Vec<_> = records.iter().map(|r| (r.stream, r.time_nanos, r.data.as_slice())).collect();
+        let lines: Vec<_> = records
+            .iter()
+            .map(|r| (r.stream, r.time_nanos, r.data.as_slice()))
+            .collect();
         assert_eq!(
             lines,
             [
@@ -234,7 +240,11 @@ mod tests {
         log.write(LogStream::Stdout, &data, 1).unwrap();
         log.flush().unwrap();
 
-        let back: Vec<u8> = read_log(&path, &both()).unwrap().into_iter().flat_map(|r| r.data).collect();
+        let back: Vec<u8> = read_log(&path, &both())
+            .unwrap()
+            .into_iter()
+            .flat_map(|r| r.data)
+            .collect();
         assert_eq!(back, data);
     }
 
@@ -244,10 +254,15 @@ mod tests {
         let path = log_path(dir.path());
         let mut log = LogWriter::open(&path).unwrap();
 
-        log.write(LogStream::Stdout, &vec![b'x'; MAX_RECORD + 10], 1).unwrap();
+        log.write(LogStream::Stdout, &vec![b'x'; MAX_RECORD + 10], 1)
+            .unwrap();
         log.flush().unwrap();
 
-        let sizes: Vec<_> = read_log(&path, &both()).unwrap().iter().map(|r| r.data.len()).collect();
+        let sizes: Vec<_> = read_log(&path, &both())
+            .unwrap()
+            .iter()
+            .map(|r| r.data.len())
+            .collect();
         assert_eq!(sizes, [MAX_RECORD, 10]);
     }
 
@@ -257,7 +272,8 @@ mod tests {
         let path = log_path(dir.path());
         let mut log = LogWriter::open(&path).unwrap();
         for time in 1..=5 {
-            log.write(LogStream::Stdout, format!("{time}\n").as_bytes(), time).unwrap();
+            log.write(LogStream::Stdout, format!("{time}\n").as_bytes(), time)
+                .unwrap();
         }
         let filter = LogFilter {
             since_nanos: Some(2),
@@ -278,7 +294,12 @@ mod tests {
         let mut log = LogWriter::open(&path).unwrap();
         log.write(LogStream::Stdout, b"kept\nlost\n", 1).unwrap();
         let len = std::fs::metadata(&path).unwrap().len();
-        OpenOptions::new().write(true).open(&path).unwrap().set_len(len - 2).unwrap();
+        OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(len - 2)
+            .unwrap();
 
         let records = read_log(&path, &both()).unwrap();
 

@@ -223,7 +223,9 @@ pub fn read_records(root: &Path) -> std::io::Result<Vec<(ContainerRecord, PathBu
             .and_then(|bytes| serde_json::from_slice(&bytes).map_err(|e| e.to_string()));
         match parsed {
             Ok(record) => records.push((record, dir)),
-            Err(e) => tracing::warn!(path = %path.display(), error = %e, "skipping an unreadable container record"),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "skipping an unreadable container record")
+            }
         }
     }
     Ok(records)

@@ -175,7 +175,9 @@ pub fn validate(spec: &ContainerSpec) -> Result<(), SpecError> {
         ));
     }
     if spec.host.nano_cpus < 0 {
-        return Err(SpecError::Invalid("Range of CPUs is from 0.01 to the number of CPUs available".into()));
+        return Err(SpecError::Invalid(
+            "Range of CPUs is from 0.01 to the number of CPUs available".into(),
+        ));
     }
     if spec.host.privileged {
         return Err(SpecError::Invalid(
@@ -189,7 +191,9 @@ pub fn validate(spec: &ContainerSpec) -> Result<(), SpecError> {
     }
     for env in &spec.env {
         if env.is_empty() || env.starts_with('=') {
-            return Err(SpecError::Invalid(format!("invalid environment variable: {env:?}")));
+            return Err(SpecError::Invalid(format!(
+                "invalid environment variable: {env:?}"
+            )));
         }
     }
     Ok(())
@@ -217,10 +221,7 @@ pub fn environment(spec: &ContainerSpec, image: &ImageConfig, hostname: &str) ->
     let mut merged: Vec<String> = Vec::new();
     let mut set = |entry: &str| {
         let key = entry.split('=').next().unwrap_or(entry);
-        match merged
-            .iter_mut()
-            .find(|e| e.split('=').next() == Some(key))
-        {
+        match merged.iter_mut().find(|e| e.split('=').next() == Some(key)) {
             Some(existing) => *existing = entry.to_owned(),
             None => merged.push(entry.to_owned()),
         }
@@ -412,14 +413,20 @@ mod tests {
 
     #[test]
     fn command_line_cmd_override_keeps_image_entrypoint() {
-        let args = command_line(&spec(None, &["echo", "hi"]), &image(Some(&["/init"]), Some(&["serve"])));
+        let args = command_line(
+            &spec(None, &["echo", "hi"]),
+            &image(Some(&["/init"]), Some(&["serve"])),
+        );
 
         assert_eq!(args, ["/init", "echo", "hi"]);
     }
 
     #[test]
     fn command_line_entrypoint_override_drops_image_cmd() {
-        let args = command_line(&spec(Some(&["sh"]), &[]), &image(Some(&["/init"]), Some(&["serve"])));
+        let args = command_line(
+            &spec(Some(&["sh"]), &[]),
+            &image(Some(&["/init"]), Some(&["serve"])),
+        );
 
         assert_eq!(args, ["sh"]);
     }
@@ -448,7 +455,16 @@ mod tests {
 
         let runtime = build_runtime_spec(&container, &image(None, None), "c1").unwrap();
 
-        let cpu = runtime.linux().as_ref().unwrap().resources().as_ref().unwrap().cpu().clone().unwrap();
+        let cpu = runtime
+            .linux()
+            .as_ref()
+            .unwrap()
+            .resources()
+            .as_ref()
+            .unwrap()
+            .cpu()
+            .clone()
+            .unwrap();
         assert_eq!((cpu.quota(), cpu.period()), (Some(150_000), Some(100_000)));
     }
 

@@ -1,0 +1,390 @@
+//! Tier 3: the stock docker CLI (and docker-py) against a real berthd whose containers run in
+//! a VM booted from our kernel. Images are made offline from Debian's busybox-static.
+//!
+//! Each scenario gets its own daemon (state, socket, VM); they run one at a time. A scenario
+//! that cannot run here (no kernel built, no docker CLI) skips with the reason, and fails
+//! under CI.
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use berth_tests::daemon::TestDaemon;
+use berth_tests::skip;
+
+macro_rules! daemon_or_skip {
+    () => {
+        match TestDaemon::start(std::path::Path::new(env!("CARGO_BIN_EXE_berthd"))) {
+            Ok(daemon) => daemon,
+            Err(reason) => return skip(&reason),
+        }
+    };
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn docker_version_and_info_report_berth_and_the_guest_kernel() {
+    let daemon = daemon_or_skip!();
+
+    let version = daemon.docker_ok(&["version"]);
+    let kernel = daemon.docker_ok(&["info", "--format", "{{.KernelVersion}} {{.NCPU}}"]);
+
+    assert!(version.contains("API version:      1.47"), "{version}");
+    let release = std::fs::read_to_string(berth_tests::TestVm::assets_dir().join("kernel.release"))
+        .expect("kernel.release");
+    assert!(kernel.starts_with(release.trim()), "{kernel}");
+}
+
+#[test]
+fn docker_run_prints_output_and_returns_the_exit_code() {
+    let daemon = daemon_or_skip!();
+    daemon.load_busybox();
+
+    let hello = daemon.docker(&["run", "--rm", "busybox", "echo", "hello"]);
+    let three = daemon.docker(&["run", "--rm", "busybox", "sh", "-c", "exit 3"]);
+    let listed = daemon.docker_ok(&["ps", "-a", "-q"]);
+
+    assert_eq!(text(&hello.stdout), "hello\n", "{}", text(&hello.stderr));
+    assert_eq!(hello.status.code(), Some(0));
+    assert_eq!(three.status.code(), Some(3), "{}", text(&three.stderr));
+    assert_eq!(listed, "", "--rm containers are gone");
+}
+
+#[test]
+fn docker_detached_container_lifecycle_ps_logs_exec_stop_rm() {
+    let daemon = daemon_or_skip!();
+    daemon.load_busybox();
+
+    daemon.docker_ok(&[
+        "run",
+        "-d",
+        "--name",
+        "web",
+        "busybox",
+        "sh",
+        "-c",
+        "echo started; exec httpd -f -h /var/www",
+    ]);
+    let ps = daemon.docker_ok(&["ps", "--format", "{{.Names}} {{.State}}"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut logs = String::new();
+    while Instant::now() < deadline && !logs.contains("started") {
+        logs = daemon.docker_ok(&["logs", "web"]);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let ls = daemon.docker_ok(&["exec", "web", "ls", "/"]);
+    let exec_exit = daemon.docker(&["exec", "web", "sh", "-c", "exit 5"]);
+    let pid1 = daemon.docker_ok(&["exec", "web", "cat", "/proc/1/cmdline"]);
+    daemon.docker_ok(&["stop", "-t", "1", "web"]);
+    let stopped = daemon.docker_ok(&["ps", "-a", "--format", "{{.Names}} {{.Status}}"]);
+    daemon.docker_ok(&["rm", "web"]);
+    let after = daemon.docker_ok(&["ps", "-a", "-q"]);
+
+    assert_eq!(ps.trim(), "web running");
+    assert_eq!(logs, "started\n");
+    assert!(ls.lines().any(|l| l == "bin"), "{ls}");
+    assert_eq!(exec_exit.status.code(), Some(5));
+    assert!(
+        pid1.starts_with("httpd"),
+        "exec sees the container's pid namespace: {pid1:?}"
+    );
+    assert!(stopped.starts_with("web Exited (137)"), "{stopped}");
+    assert_eq!(after, "");
+}
+
+#[test]
+fn docker_run_interactive_stdin_round_trips_bytes() {
+    let daemon = daemon_or_skip!();
+    daemon.load_busybox();
+    let input: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
+    let path = daemon.dir.path().join("input.bin");
+    std::fs::write(&path, &input).expect("write input");
+
+    let output = daemon.docker_with_input(
+        &["run", "-i", "--rm", "busybox", "cat"],
+        Stdio::from(std::fs::File::open(&path).expect("open input")),
+    );
+
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert_eq!(output.stdout, input);
+}
+
+#[test]
+fn docker_exec_interactive_under_a_pty_gets_a_terminal() {
+    let daemon = daemon_or_skip!();
+    daemon.load_busybox();
+    daemon.docker_ok(&["run", "-d", "--name", "box", "busybox", "sleep", "600"]);
+    // `stty -a` reads the terminal's settings: it fails on anything but a terminal.
+    let command = format!(
+        "DOCKER_HOST={} {} exec -it box sh -c 'stty -a >/dev/null && echo on-a-terminal; echo exec-done'",
+        daemon.docker_host(),
+        berth_tests::daemon::DOCKER
+    );
+
+    let output = Command::new("timeout")
+        .args(["-s", "KILL", "120", "script", "-qec", &command, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("script runs");
+
+    let shown = text(&output.stdout);
+    // A terminal turns "\n" into "\r\n": the output went through the container's pty.
+    assert!(shown.contains("exec-done\r\n"), "{shown:?}");
+    daemon.docker_ok(&["rm", "-f", "box"]);
+}
+
+#[test]
+fn docker_errors_come_back_in_dockers_shape_and_disturb_nothing() {
+    let daemon = daemon_or_skip!();
+    daemon.load_busybox();
+    daemon.docker_ok(&["run", "-d", "--name", "keep", "busybox", "sleep", "600"]);
+
+    let unknown = daemon.docker(&["run", "--rm", "nosuchimage:v1", "true"]);
+    let conflict = daemon.docker(&["create", "--name", "keep", "busybox"]);
+    let running = daemon.docker(&["rm", "keep"]);
+    let no_container = daemon.docker(&["logs", "ghost"]);
+    let malformed = curl(
+        &daemon,
+        &[
+            "-X",
+            "POST",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            "{not json",
+            "http://d/containers/create",
+        ],
+    );
+    let too_old = curl(&daemon, &["http://d/v1.12/version"]);
+    let still = daemon.docker_ok(&["ps", "--format", "{{.Names}} {{.State}}"]);
+
+    assert_eq!(unknown.status.code(), Some(125));
+    assert!(
+        text(&unknown.stderr).contains("Unable to find image 'nosuchimage:v1' locally"),
+        "{}",
+        text(&unknown.stderr)
+    );
+    assert!(
+        text(&conflict.stderr).contains("Conflict. The container name \"/keep\" is already in use"),
+        "{}",
+        text(&conflict.stderr)
+    );
+    assert!(
+        text(&running.stderr).contains("container is running"),
+        "{}",
+        text(&running.stderr)
+    );
+    assert!(
+        text(&no_container.stderr).contains("No such container: ghost"),
+        "{}",
+        text(&no_container.stderr)
+    );
+    assert!(
+        malformed.starts_with("400 {\"message\":\"invalid JSON"),
+        "{malformed}"
+    );
+    assert!(
+        too_old.starts_with("400 {\"message\":\"client version 1.12 is too old"),
+        "{too_old}"
+    );
+    assert_eq!(still.trim(), "keep running");
+    daemon.docker_ok(&["rm", "-f", "keep"]);
+}
+
+/// `curl` over the daemon's socket: the status code, a space, the body.
+fn curl(daemon: &TestDaemon, args: &[&str]) -> String {
+    let output = Command::new("curl")
+        .args([
+            "-s",
+            "-w",
+            "%{http_code}",
+            "-o",
+            "/dev/stderr",
+            "--unix-socket",
+        ])
+        .arg(daemon.socket())
+        .args(args)
+        .output()
+        .expect("curl runs");
+    format!("{} {}", text(&output.stdout), text(&output.stderr).trim())
+}
+
+#[test]
+fn docker_state_survives_a_berthd_restart() {
+    let mut daemon = daemon_or_skip!();
+    daemon.load_busybox();
+    let output = daemon.docker(&[
+        "run",
+        "--name",
+        "done",
+        "busybox",
+        "sh",
+        "-c",
+        "echo kept; exit 3",
+    ]);
+    assert_eq!(output.status.code(), Some(3));
+
+    daemon.restart();
+
+    let listed = daemon.docker_ok(&["ps", "-a", "--format", "{{.Names}} {{.Status}}"]);
+    let logs = daemon.docker_ok(&["logs", "done"]);
+    let images = daemon.docker_ok(&["images", "--format", "{{.Repository}}:{{.Tag}}"]);
+    let again = daemon.docker(&["start", "-a", "done"]);
+    assert!(listed.starts_with("done Exited (3)"), "{listed}");
+    assert_eq!(logs, "kept\n");
+    assert_eq!(images.trim(), "busybox:latest");
+    assert_eq!(again.status.code(), Some(3));
+    assert_eq!(text(&again.stdout), "kept\n");
+}
+
+/// A free TCP port on loopback (racy by nature; the registry start is checked).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Debian's docker-registry on 127.0.0.1, stopped when dropped.
+struct Registry {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Registry {
+    fn start() -> Result<Self, String> {
+        let binary = "/usr/bin/docker-registry";
+        if !std::path::Path::new(binary).is_file() {
+            return Err(format!(
+                "{binary} is missing (apt-get install docker-registry)"
+            ));
+        }
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let port = free_port();
+        let config = dir.path().join("config.yml");
+        let mut file = std::fs::File::create(&config).map_err(|e| e.to_string())?;
+        write!(
+            file,
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            dir.path().join("data").display()
+        )
+        .map_err(|e| e.to_string())?;
+        let child = Command::new(binary)
+            .arg("serve")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Ok(Self {
+                    child,
+                    port,
+                    _dir: dir,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err("docker-registry did not listen".into())
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn docker_push_rmi_pull_round_trips_through_a_real_registry() {
+    let daemon = daemon_or_skip!();
+    let registry = match Registry::start() {
+        Ok(registry) => registry,
+        Err(reason) => return skip(&reason),
+    };
+    daemon.load_busybox();
+    let target = format!("127.0.0.1:{}/test/busybox:v1", registry.port);
+
+    daemon.docker_ok(&["tag", "busybox", &target]);
+    let pushed = daemon.docker_ok(&["push", &target]);
+    let id_before = daemon.docker_ok(&["image", "inspect", "--format", "{{.Id}}", &target]);
+    daemon.docker_ok(&["rmi", &target]);
+    let pulled = daemon.docker_ok(&["pull", &target]);
+    let id_after = daemon.docker_ok(&["image", "inspect", "--format", "{{.Id}}", &target]);
+    let digests = daemon.docker_ok(&[
+        "image",
+        "inspect",
+        "--format",
+        "{{json .RepoDigests}}",
+        &target,
+    ]);
+    let df = daemon.docker_ok(&["system", "df"]);
+
+    let digest = pushed
+        .lines()
+        .find_map(|l| l.split("digest: ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("push prints the digest")
+        .to_owned();
+    assert!(pulled.contains(&digest), "{pulled}");
+    assert_eq!(id_before, id_after);
+    assert!(digests.contains(&digest), "{digests}");
+    assert!(df.contains("Images"), "{df}");
+}
+
+#[test]
+fn docker_py_runs_logs_execs_and_removes() {
+    let daemon = daemon_or_skip!();
+    if Command::new("python3")
+        .args(["-c", "import docker"])
+        .status()
+        .map_or(true, |s| !s.success())
+    {
+        return skip("docker-py is not installed (pip install docker)");
+    }
+    daemon.load_busybox();
+    let script = r#"
+import docker, sys
+client = docker.DockerClient(base_url=sys.argv[1])
+c = client.containers.run("busybox", ["sh", "-c", "echo from-py; sleep 600"], detach=True, name="py")
+import time
+for _ in range(300):
+    if b"from-py" in c.logs():
+        break
+    time.sleep(0.1)
+print(c.logs().decode().strip())
+code, out = c.exec_run(["sh", "-c", "echo exec-py; exit 4"])
+print(code, out.decode().strip())
+c.remove(force=True)
+print(len(client.containers.list(all=True)))
+"#;
+
+    let output = Command::new("timeout")
+        .args([
+            "-s",
+            "KILL",
+            "180",
+            "python3",
+            "-c",
+            script,
+            &daemon.docker_host(),
+        ])
+        .output()
+        .expect("python3 runs");
+
+    assert!(
+        output.status.success(),
+        "{}\n{}",
+        text(&output.stderr),
+        daemon.log()
+    );
+    assert_eq!(text(&output.stdout), "from-py\n4 exec-py\n0\n");
+}
