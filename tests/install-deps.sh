@@ -16,6 +16,8 @@ packages=(
   skopeo umoci docker-registry
   # htpasswd, for the registry basic-auth test.
   apache2-utils
+  # Tier-3 tests: raw API requests over the socket, and a pty for `docker exec -it`.
+  curl bsdutils
 )
 vhost_vsock_version=0.3.0
 
@@ -36,4 +38,10 @@ cargo_bin=${CARGO_HOME:-$HOME/.cargo}/bin
 if ! "$cargo_bin/vhost-device-vsock" --version 2>/dev/null | grep -q "$vhost_vsock_version"; then
   echo "install-deps: cargo install vhost-device-vsock $vhost_vsock_version" >&2
   cargo install --quiet --locked vhost-device-vsock --version "$vhost_vsock_version"
+fi
+
+# docker-py, the SDK the tier-3 tests drive berthd with besides the CLI.
+if ! python3 -c 'import docker' 2>/dev/null; then
+  echo "install-deps: pip install docker" >&2
+  python3 -m pip install --quiet docker
 fi
