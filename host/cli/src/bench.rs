@@ -42,6 +42,29 @@ pub enum BenchCommand {
         #[arg(long)]
         record: Option<PathBuf>,
     },
+    /// `docker run --rm busybox true` through a fresh berthd and the stock docker CLI: the time
+    /// from berthd's start to the first container's output (cold VM), and the median over
+    /// `--runs` with the VM warm, against the same command run natively on the host.
+    Run {
+        /// Warm runs of each kind.
+        #[arg(long, default_value_t = 30)]
+        runs: usize,
+        /// The busybox image as a docker-archive (`tests/images/make-busybox.sh` writes one).
+        #[arg(long)]
+        archive: PathBuf,
+        /// The berthd binary; by default the one beside this `berth`.
+        #[arg(long)]
+        berthd: Option<PathBuf>,
+        /// The docker CLI.
+        #[arg(long, default_value = "/usr/local/bin/docker")]
+        docker: PathBuf,
+        /// The static busybox the native anchor runs.
+        #[arg(long, default_value = "/bin/busybox")]
+        busybox: PathBuf,
+        /// Replace the `run` section of this markdown file with the results.
+        #[arg(long)]
+        record: Option<PathBuf>,
+    },
 }
 
 pub fn run(command: BenchCommand) -> anyhow::Result<()> {
@@ -52,6 +75,206 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
             busybox,
             record,
         } => bench_boot(runs, &size, &busybox, record.as_deref()),
+        BenchCommand::Run {
+            runs,
+            archive,
+            berthd,
+            docker,
+            busybox,
+            record,
+        } => {
+            let berthd = match berthd {
+                Some(path) => path,
+                None => std::env::current_exe()
+                    .context("locating berth")?
+                    .with_file_name("berthd"),
+            };
+            let tools = RunTools {
+                berthd,
+                docker,
+                busybox,
+            };
+            bench_run(runs, &archive, &tools, record.as_deref())
+        }
+    }
+}
+
+/// The programs `bench run` drives.
+#[derive(Debug)]
+struct RunTools {
+    berthd: PathBuf,
+    docker: PathBuf,
+    busybox: PathBuf,
+}
+
+/// A berthd started for a benchmark, stopped (VM included) when dropped.
+struct BenchDaemon {
+    child: std::process::Child,
+    socket: PathBuf,
+}
+
+impl Drop for BenchDaemon {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(40);
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            thread::sleep(POLL);
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn docker(tools: &RunTools, socket: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let output = Command::new(&tools.docker)
+        .args(args)
+        .env("DOCKER_HOST", format!("unix://{}", socket.display()))
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {}", tools.docker.display()))?;
+    if !output.status.success() {
+        bail!(
+            "docker {args:?} failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+fn bench_run(
+    runs: usize,
+    archive: &Path,
+    tools: &RunTools,
+    record: Option<&Path>,
+) -> anyhow::Result<()> {
+    if runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    let work = tempfile::tempdir().context("creating a scratch directory")?;
+    let socket = work.path().join("docker.sock");
+    let log = fs::File::create(work.path().join("berthd.log")).context("creating the log")?;
+    // The image is loaded into the data directory before the measured start: a cold start is
+    // a cold VM, not an empty image store.
+    let cold_started = {
+        let daemon = start_daemon(tools, work.path(), &log)?;
+        docker(
+            tools,
+            &daemon.socket,
+            &["load", "-i", &archive.display().to_string()],
+        )?;
+        drop(daemon);
+        let started = Instant::now();
+        let daemon = start_daemon(tools, work.path(), &log)?;
+        let output = docker(
+            tools,
+            &daemon.socket,
+            &["run", "--rm", "busybox", "echo", "first"],
+        )?;
+        if output.trim() != "first" {
+            bail!("the first container printed {output:?}");
+        }
+        (started.elapsed(), daemon)
+    };
+    let (cold, daemon) = cold_started;
+    eprintln!(
+        "cold: {} ms from berthd start to the first output",
+        cold.as_millis()
+    );
+
+    let mut berth = Vec::with_capacity(runs);
+    let mut native = Vec::with_capacity(runs);
+    for run in 0..runs {
+        let started = Instant::now();
+        docker(tools, &socket, &["run", "--rm", "busybox", "true"])?;
+        berth.push(started.elapsed());
+        let started = Instant::now();
+        let status = Command::new(&tools.busybox)
+            .arg("true")
+            .status()
+            .with_context(|| format!("running {}", tools.busybox.display()))?;
+        native.push(started.elapsed());
+        if !status.success() {
+            bail!("native busybox true failed: {status}");
+        }
+        eprintln!(
+            "run {}/{runs}: docker run {} ms, native {} us",
+            run + 1,
+            berth[run].as_millis(),
+            native[run].as_micros()
+        );
+    }
+    drop(daemon);
+    let report = RunReport {
+        runs,
+        cold,
+        warm: median(&mut berth),
+        native: median(&mut native),
+        accel: select_backend().backend.accel(),
+    };
+    println!("{}", report.markdown());
+    if let Some(path) = record {
+        record_section(path, "run", &report.markdown())?;
+        eprintln!("recorded in {}", path.display());
+    }
+    Ok(())
+}
+
+fn start_daemon(tools: &RunTools, dir: &Path, log: &fs::File) -> anyhow::Result<BenchDaemon> {
+    let socket = dir.join("docker.sock");
+    let child = Command::new(&tools.berthd)
+        .env("BERTH_SOCKET", &socket)
+        .env("BERTH_DATA_DIR", dir.join("data"))
+        .env("BERTH_VM_DIR", dir.join("vm"))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().context("sharing the log")?)
+        .stderr(log.try_clone().context("sharing the log")?)
+        .spawn()
+        .with_context(|| format!("starting {}", tools.berthd.display()))?;
+    let daemon = BenchDaemon {
+        child,
+        socket: socket.clone(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+            return Ok(daemon);
+        }
+        thread::sleep(POLL);
+    }
+    bail!("berthd did not listen on {} within 20 s", socket.display())
+}
+
+/// The figures of one `bench run`.
+#[derive(Debug)]
+struct RunReport {
+    runs: usize,
+    cold: Duration,
+    warm: Duration,
+    native: Duration,
+    accel: Accel,
+}
+
+impl RunReport {
+    fn markdown(&self) -> String {
+        let ratio = self.warm.as_secs_f64() / self.native.as_secs_f64().max(1e-9);
+        format!(
+            "Command: `berth bench run --runs {runs} --archive <busybox.tar> --record docs/benchmarks.md`\n\n\
+             | figure | berth | anchor | ratio |\n|---|---|---|---|\n\
+             | `docker run --rm busybox true`, warm VM, median of {runs} | {warm} ms | {native} ms (`busybox true` natively on the host) | {ratio:.0}x |\n\
+             | berthd start to the first container's output, cold VM | {cold} ms | | |\n\n\
+             Accelerator: {accel:?}. Under TCG every guest figure is inflated; the warm target \
+             (under 150 ms) applies where hardware KVM exists.",
+            runs = self.runs,
+            warm = self.warm.as_millis(),
+            native = format_args!("{:.2}", self.native.as_secs_f64() * 1000.0),
+            cold = self.cold.as_millis(),
+            accel = self.accel,
+        )
     }
 }
 
