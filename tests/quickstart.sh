@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set-up command 1: installs what is missing, builds everything (the guest kernel comes from
-# the cache when its inputs have not changed), boots the Berth VM and prints what the guest
-# reports. The VM keeps running afterwards: `target/release/berth vm status|logs|stop`.
+# the cache when its inputs have not changed), starts berthd, and runs a container with the
+# stock docker CLI. berthd keeps running afterwards on the socket printed at the end.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -10,10 +10,21 @@ cd "$repo"
 tests/install-deps.sh
 kernel-config/build.sh
 vm-image/build.sh
-cargo build --quiet --release --locked -p berth-cli
+cargo build --quiet --release --locked -p berth-cli -p berth-daemon
+tests/images/make-busybox.sh target/berth/images >/dev/null
 
-berth=target/release/berth
-"$berth" vm stop >/dev/null
-"$berth" vm start
+socket=${BERTH_SOCKET:-${XDG_RUNTIME_DIR:-/run}/berth/docker.sock}
+export DOCKER_HOST=unix://$socket
+if ! docker version >/dev/null 2>&1; then
+  mkdir -p "$(dirname "$socket")"
+  log=$(dirname "$socket")/berthd.log
+  BERTH_SOCKET=$socket setsid target/release/berthd >"$log" 2>&1 </dev/null &
+  for _ in $(seq 1 200); do
+    [ -S "$socket" ] && break
+    sleep 0.1
+  done
+fi
+docker load -i target/berth/images/busybox.tar
+docker run --rm busybox echo "hello from a Berth container"
 echo
-echo "Berth VM is running. Try: $berth vm status | $berth vm logs | $berth vm stop"
+echo "berthd is serving the Docker API. Try: export DOCKER_HOST=$DOCKER_HOST; docker run -it --rm busybox sh"
