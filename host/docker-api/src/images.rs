@@ -316,7 +316,7 @@ pub async fn load(
     query: &Query,
     request: Request<Incoming>,
 ) -> ApiResult<ApiResponse> {
-    let quiet = query.flag("quiet", false);
+    let _quiet = query.flag("quiet", false);
     let reader = BodyReader::spawn(request.into_body());
     let store = Arc::clone(&engine.images);
     let (response, sender) = body::streaming("application/json");
@@ -340,7 +340,8 @@ pub async fn load(
         };
         match loaded {
             Ok(images) => {
-                if !quiet {
+                // `quiet` silences progress bars only; dockerd still says what it loaded.
+                {
                     for line in lines {
                         let _ = progress_sender
                             .send(json_line(&json!({ "stream": format!("{line}\n") })))
