@@ -7,6 +7,7 @@
 pub mod bus;
 pub mod legacy;
 pub mod virtio;
+pub mod vsock;
 
 /// Guest memory as every device sees it: anonymous mappings without dirty-page tracking.
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
