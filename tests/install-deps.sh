@@ -18,6 +18,8 @@ packages=(
   apache2-utils
   # Tier-3 tests: raw API requests over the socket, and a pty for `docker exec -it`.
   curl bsdutils
+  # The anchor of `berth bench container`.
+  crun
 )
 vhost_vsock_version=0.3.0
 

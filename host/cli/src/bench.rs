@@ -42,6 +42,24 @@ pub enum BenchCommand {
         #[arg(long)]
         record: Option<PathBuf>,
     },
+    /// Create, start and wait of `true` through the agent in a warm VM, against `crun run` of
+    /// the same root filesystem natively on the host.
+    Container {
+        /// Runs of each kind.
+        #[arg(long, default_value_t = 50)]
+        runs: usize,
+        /// The busybox layer (an uncompressed tar of the root filesystem).
+        #[arg(long)]
+        layer: PathBuf,
+        #[command(flatten)]
+        size: VmSizeArgs,
+        /// The crun binary for the anchor.
+        #[arg(long, default_value = "/usr/bin/crun")]
+        crun: PathBuf,
+        /// Replace the `container` section of this markdown file with the results.
+        #[arg(long)]
+        record: Option<PathBuf>,
+    },
     /// `docker run --rm busybox true` through a fresh berthd and the stock docker CLI: the time
     /// from berthd's start to the first container's output (cold VM), and the median over
     /// `--runs` with the VM warm, against the same command run natively on the host.
@@ -75,6 +93,13 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
             busybox,
             record,
         } => bench_boot(runs, &size, &busybox, record.as_deref()),
+        BenchCommand::Container {
+            runs,
+            layer,
+            size,
+            crun,
+            record,
+        } => crate::bench_container::run(runs, &layer, &size, &crun, record.as_deref()),
         BenchCommand::Run {
             runs,
             archive,
@@ -415,7 +440,7 @@ fn write_anchor_initramfs(busybox: &Path, out: &Path) -> anyhow::Result<()> {
     fs::write(out, bytes).with_context(|| format!("writing {}", out.display()))
 }
 
-fn median(samples: &mut [Duration]) -> Duration {
+pub(crate) fn median(samples: &mut [Duration]) -> Duration {
     samples.sort();
     samples[samples.len() / 2]
 }
@@ -454,7 +479,7 @@ impl BootReport {
 
 /// Replaces the text between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` in `path`,
 /// appending the section if the markers are absent.
-fn record_section(path: &Path, name: &str, body: &str) -> anyhow::Result<()> {
+pub(crate) fn record_section(path: &Path, name: &str, body: &str) -> anyhow::Result<()> {
     let open = format!("<!-- bench:{name} -->");
     let close = format!("<!-- /bench:{name} -->");
     let text = fs::read_to_string(path).unwrap_or_default();

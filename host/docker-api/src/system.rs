@@ -144,8 +144,7 @@ pub fn events(engine: &Arc<Engine>, query: &Query) -> ApiResult<ApiResponse> {
                         }
                         "label" => event
                             .attributes
-                            .get(v.split('=').next().unwrap_or(v))
-                            .is_some(),
+                            .contains_key(v.split('=').next().unwrap_or(v)),
                         _ => true,
                     })
             })
