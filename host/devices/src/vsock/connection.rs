@@ -185,11 +185,11 @@ impl Connection {
         self.state = State::Killed;
     }
 
-    /// Handles a packet the guest sent on this connection; `data` is its payload.
+    /// Handles a packet the guest sent on this connection; `data` is its payload, in pieces.
     pub(super) fn on_guest_packet<B: BitmapSlice>(
         &mut self,
         header: &Header,
-        data: Option<&VolatileSlice<'_, B>>,
+        data: &[VolatileSlice<'_, B>],
     ) -> Verdict {
         if header.op == op::RST {
             let _ = self.stream.shutdown(Shutdown::Both);
@@ -242,43 +242,50 @@ impl Connection {
     }
 
     /// Forwards guest data to the host socket, buffering what it cannot take now.
-    fn guest_data<B: BitmapSlice>(&mut self, data: Option<&VolatileSlice<'_, B>>) {
-        let Some(data) = data else {
+    fn guest_data<B: BitmapSlice>(&mut self, data: &[VolatileSlice<'_, B>]) {
+        let len: usize = data.iter().map(|piece| piece.len()).sum();
+        if len == 0 {
             return;
-        };
+        }
         if self.peer_shut_send {
             tracing::debug!(?self.key, "vsock: data after the guest's SHUTDOWN/SEND");
             self.kill();
             return;
         }
-        let len = data.len();
         if self.to_host.len() + len > CONN_BUF_SIZE as usize {
             tracing::debug!(?self.key, "vsock: guest overran its credit");
             self.kill();
             return;
         }
-        let mut written = 0;
-        if self.to_host.is_empty() {
-            match (&self.stream).write_volatile(data) {
-                Ok(n) => written = n,
-                Err(VolatileMemoryError::IOError(e)) if is_transient(&e) => {}
-                Err(e) => {
-                    tracing::debug!(?self.key, "vsock: host socket write failed: {e}");
-                    self.kill();
-                    return;
+        // Older data waits in the buffer: the new data must queue behind it.
+        let mut blocked = !self.to_host.is_empty();
+        let mut written_total = 0;
+        for piece in data {
+            let mut written = 0;
+            if !blocked {
+                match (&self.stream).write_volatile(piece) {
+                    Ok(n) => written = n,
+                    Err(VolatileMemoryError::IOError(e)) if is_transient(&e) => {}
+                    Err(e) => {
+                        tracing::debug!(?self.key, "vsock: host socket write failed: {e}");
+                        self.kill();
+                        return;
+                    }
                 }
+                blocked = written < piece.len();
             }
+            if written < piece.len() {
+                let mut rest = vec![0u8; piece.len() - written];
+                let copied = piece
+                    .subslice(written, piece.len() - written)
+                    .map(|tail| tail.copy_to(&mut rest[..]))
+                    .unwrap_or(0);
+                rest.truncate(copied);
+                self.to_host.extend(rest);
+            }
+            written_total += written;
         }
-        if written < len {
-            let mut rest = vec![0u8; len - written];
-            let copied = data
-                .subslice(written, len - written)
-                .map(|tail| tail.copy_to(&mut rest[..]))
-                .unwrap_or(0);
-            rest.truncate(copied);
-            self.to_host.extend(rest);
-        }
-        self.forwarded(written);
+        self.forwarded(written_total);
     }
 
     /// Counts `n` guest bytes as taken by the host socket; a credit update may now be owed.
@@ -492,7 +499,8 @@ mod tests {
         header.len = payload.len() as u32;
         let mut buf = PacketBuf::with_data(header, payload);
         let pkt = buf.packet();
-        conn.on_guest_packet(&header, pkt.data_slice())
+        let data = pkt.data_slice().map(std::slice::from_ref).unwrap_or(&[]);
+        conn.on_guest_packet(&header, data)
     }
 
     fn recv(conn: &mut Connection, room: usize) -> Option<(Header, Vec<u8>)> {

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 
 use virtio_vsock::packet::{VsockPacket, PKT_HEADER_SIZE};
 use vm_memory::bitmap::BitmapSlice;
+use vm_memory::VolatileSlice;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::connection::{Connection, State, Verdict};
@@ -164,9 +165,9 @@ impl VsockMuxer {
         Ok(())
     }
 
-    /// Handles a packet the guest put on the TX queue.
-    pub fn send_pkt<B: BitmapSlice>(&mut self, pkt: &VsockPacket<'_, B>) {
-        let header = Header::of(pkt);
+    /// Handles a packet the guest put on the TX queue: its header and its payload, in pieces.
+    pub fn send_pkt<B: BitmapSlice>(&mut self, header: &Header, data: &[VolatileSlice<'_, B>]) {
+        let header = *header;
         if header.src_cid != self.guest_cid {
             tracing::debug!(?header, "vsock: packet with a foreign source cid, dropped");
             return;
@@ -179,7 +180,7 @@ impl VsockMuxer {
         let key = header.key();
         match self.conns.get_mut(&key) {
             Some(entry) => {
-                if entry.conn.on_guest_packet(&header, pkt.data_slice()) == Verdict::Drop {
+                if entry.conn.on_guest_packet(&header, data) == Verdict::Drop {
                     self.remove(key);
                 } else {
                     self.refresh(key);

@@ -88,7 +88,11 @@ pub const RX_ROOM: u32 = 4096;
 /// Size of the test guest memory.
 const MEM_SIZE: usize = 0x80_0000;
 /// Ring size of both test queues.
-pub const TEST_QUEUE_SIZE: u16 = 16;
+pub const TEST_QUEUE_SIZE: u16 = 32;
+/// Descriptors reserved per slot: a chain has at most this many.
+const DESCS_PER_SLOT: u16 = 4;
+/// Slots per queue.
+const SLOTS: u16 = TEST_QUEUE_SIZE / DESCS_PER_SLOT;
 
 /// Guest memory large enough for both test queues and their buffers.
 pub fn memory() -> GuestMemoryMmap {
@@ -163,7 +167,7 @@ impl<'a> DriverQueue<'a> {
 
     /// Whether another chain fits.
     pub fn has_room(&self) -> bool {
-        self.in_flight.len() < usize::from(TEST_QUEUE_SIZE) / 2
+        self.in_flight.len() < usize::from(SLOTS)
     }
 
     fn slot_addr(&self, slot: u16) -> u64 {
@@ -174,11 +178,14 @@ impl<'a> DriverQueue<'a> {
     /// addresses at or above [`ABSOLUTE`]).
     fn offer(&mut self, descs: &[(u64, u32, bool)]) -> u16 {
         assert!(self.has_room(), "test queue full");
-        assert!(descs.len() <= 2, "two descriptors per slot");
+        assert!(
+            descs.len() <= usize::from(DESCS_PER_SLOT),
+            "too many descriptors"
+        );
         let slot = self.next_slot;
-        self.next_slot = (self.next_slot + 1) % (TEST_QUEUE_SIZE / 2);
+        self.next_slot = (self.next_slot + 1) % SLOTS;
         let base = self.slot_addr(slot);
-        let first = slot * 2;
+        let first = slot * DESCS_PER_SLOT;
         for (i, (offset, len, write)) in descs.iter().enumerate() {
             let last = i + 1 == descs.len();
             let mut flags = if *write { VRING_DESC_F_WRITE as u16 } else { 0 };
@@ -212,8 +219,12 @@ impl<'a> DriverQueue<'a> {
             let elem = self.used_ring + 4 + u64::from(self.used_seen % TEST_QUEUE_SIZE) * 8;
             let head = u16::try_from(self.read_u32(elem)).expect("head index");
             let len = self.read_u32(elem + 4);
-            assert_eq!(head % 2, 0, "used element {head} is not a chain head");
-            let slot = head / 2;
+            assert_eq!(
+                head % DESCS_PER_SLOT,
+                0,
+                "used element {head} is not a chain head"
+            );
+            let slot = head / DESCS_PER_SLOT;
             let pos = self
                 .in_flight
                 .iter()
@@ -354,5 +365,14 @@ impl<'a> TestGuest<'a> {
         }
         self.tx.offer(descs);
         self.run_tx(muxer)
+    }
+
+    /// Writes `bytes` at `offset` in the buffer area of the next TX slot, to lay out a raw
+    /// chain before [`TestGuest::send_raw`].
+    pub fn write_tx_bytes(&mut self, offset: u64, bytes: &[u8]) {
+        let base = self.tx.slot_addr(self.tx.next_slot);
+        self.mem
+            .write_slice(bytes, GuestAddress(base + offset))
+            .expect("write tx bytes");
     }
 }

@@ -309,3 +309,104 @@ fn rx_work_that_evaporates_leaves_buffer_available() {
     assert!(used.is_empty(), "buffer kept for later");
     assert!(!muxer.has_pending_rx());
 }
+
+/// A guest port listener and a connection the guest opened to it, established.
+fn guest_connection(
+    guest: &mut TestGuest,
+    muxer: &mut VsockMuxer,
+    peer_port: u32,
+) -> (std::os::unix::net::UnixStream, ConnKey) {
+    let mut path = muxer.uds_path().as_os_str().to_owned();
+    path.push("_1023");
+    let listener = std::os::unix::net::UnixListener::bind(std::path::PathBuf::from(path))
+        .expect("port listener");
+    let key = ConnKey {
+        local_port: 1023,
+        peer_port,
+    };
+    guest.send(muxer, guest_header(key, op::REQUEST, GUEST_BUF, 0), b"");
+    let (host, _) = listener.accept().expect("accepted");
+    guest.offer_rx();
+    assert_eq!(guest.recv(muxer)[0].0.op, op::RESPONSE);
+    (host, key)
+}
+
+#[test]
+fn tx_payload_scattered_over_buffers_arrives_in_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut muxer = muxer(dir.path());
+    let mem = memory();
+    let mut guest = TestGuest::new(&mem);
+    let (mut host, key) = guest_connection(&mut guest, &mut muxer, 9100);
+    let mut header = guest_header(key, op::RW, GUEST_BUF, 0);
+    header.len = 12;
+    guest.write_tx_bytes(0, &header.to_bytes());
+    guest.write_tx_bytes(0x100, b"scat");
+    guest.write_tx_bytes(0x200, b"tered");
+    guest.write_tx_bytes(0x300, b"!!!");
+
+    guest.send_raw(
+        &mut muxer,
+        &[
+            (0, PKT_HEADER_SIZE as u32, false),
+            (0x100, 4, false),
+            (0x200, 5, false),
+            (0x300, 3, false),
+        ],
+        None,
+    );
+
+    let mut got = [0u8; 12];
+    std::io::Read::read_exact(&mut host, &mut got).expect("payload");
+    assert_eq!(&got, b"scattered!!!");
+    assert!(!muxer.has_pending_rx());
+}
+
+#[test]
+fn tx_header_split_over_two_buffers_is_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut muxer = muxer(dir.path());
+    let mem = memory();
+    let mut guest = TestGuest::new(&mem);
+    let (mut host, key) = guest_connection(&mut guest, &mut muxer, 9101);
+    let mut header = guest_header(key, op::RW, GUEST_BUF, 0);
+    header.len = 2;
+    let raw = header.to_bytes();
+    guest.write_tx_bytes(0, &raw[..20]);
+    guest.write_tx_bytes(0x100, &raw[20..]);
+    guest.write_tx_bytes(0x100 + (PKT_HEADER_SIZE as u64 - 20), b"ok");
+
+    guest.send_raw(
+        &mut muxer,
+        &[
+            (0, 20, false),
+            (0x100, PKT_HEADER_SIZE as u32 - 20 + 2, false),
+        ],
+        None,
+    );
+
+    let mut got = [0u8; 2];
+    std::io::Read::read_exact(&mut host, &mut got).expect("payload");
+    assert_eq!(&got, b"ok");
+}
+
+#[test]
+fn tx_writable_buffer_voids_the_chain() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut muxer = muxer(dir.path());
+    let mem = memory();
+    let mut guest = TestGuest::new(&mem);
+    let mut header = stray_header();
+    header.len = 4;
+
+    guest.send_raw(
+        &mut muxer,
+        &[(0, PKT_HEADER_SIZE as u32, false), (0x100, 4, true)],
+        Some(header),
+    );
+
+    assert!(
+        !muxer.has_pending_rx(),
+        "a writable buffer voids the whole chain"
+    );
+}
