@@ -66,6 +66,13 @@ impl TestVm {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let backend = select_backend().backend;
+        let vsock = backend.vsock_program();
+        if !vsock.is_file() {
+            return Err(format!(
+                "the vsock device {} is missing: run `cargo build -p berth-vmm --bin berth-vsock`",
+                vsock.display()
+            ));
+        }
         let dir = tempfile::Builder::new()
             .prefix("berth-test-vm-")
             .tempdir()

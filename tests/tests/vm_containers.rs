@@ -5,14 +5,19 @@ use std::io::{Read, Write};
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::Arc;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use agent_protocol::{ContainerConfig, CreateContainer, StreamHeader, StreamKind, UnpackLayer};
 use berth_container::docker_default_spec;
 use berth_engine::agent_client::open_stream_vsock;
 use berth_engine::{StopOutcome, Vm};
 use berth_tests::{skip, TestVm};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 use oci_spec::runtime::{LinuxMemoryBuilder, LinuxPidsBuilder, LinuxResourcesBuilder, Spec};
 
 /// Where the layer is unpacked in the guest: an existing, empty tmpfs directory of the
@@ -20,6 +25,10 @@ use oci_spec::runtime::{LinuxMemoryBuilder, LinuxPidsBuilder, LinuxResourcesBuil
 const GUEST_ROOTFS: &str = "/tmp";
 
 const STREAM_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a bulk transfer through the vsock device may take under TCG before it counts as a
+/// stall. Measured transfers take a few seconds; a stalled device never finishes.
+const TRANSFER_DEADLINE: Duration = Duration::from_secs(120);
 
 /// A busybox root filesystem as an uncompressed tar, built from the host's busybox-static.
 fn busybox_layer(dir: &Path) -> Result<Vec<u8>, String> {
@@ -185,6 +194,48 @@ impl Guest {
         drop(self.agent);
         assert_eq!(self.vm.stop(Duration::from_secs(60)), StopOutcome::Clean);
     }
+}
+
+/// Kills the VM when a scenario is not done by its deadline: a stalled transfer then ends (its
+/// streams close) and the test fails saying so, instead of hanging.
+struct Watchdog {
+    done: mpsc::Sender<()>,
+    fired: Arc<AtomicBool>,
+    thread: thread::JoinHandle<()>,
+}
+
+impl Watchdog {
+    fn arm(vm: &Vm, deadline: Duration) -> Self {
+        let pids: Vec<i32> = vm.processes().iter().map(|p| p.pid()).collect();
+        let (done, finished) = mpsc::channel::<()>();
+        let fired = Arc::new(AtomicBool::new(false));
+        let flag = fired.clone();
+        let thread = thread::spawn(move || {
+            if finished.recv_timeout(deadline) == Err(RecvTimeoutError::Timeout) {
+                flag.store(true, Ordering::SeqCst);
+                for pid in pids {
+                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                }
+            }
+        });
+        Self {
+            done,
+            fired,
+            thread,
+        }
+    }
+
+    /// Stops watching; whether the deadline passed first.
+    fn disarm(self) -> bool {
+        let _ = self.done.send(());
+        self.thread.join().expect("watchdog thread");
+        self.fired.load(Ordering::SeqCst)
+    }
+}
+
+/// Megabytes per second of `bytes` moved in `elapsed`.
+fn megabytes_per_second(bytes: usize, elapsed: Duration) -> f64 {
+    bytes as f64 / 1e6 / elapsed.as_secs_f64()
 }
 
 /// Boots the guest or skips (fails under CI) with the reason.
@@ -393,4 +444,89 @@ fn vm_container_stdin_stream_reaches_process_and_its_end_is_eof() {
 
     assert_eq!(exit.code, 0);
     assert_eq!(output, "through stdin\n");
+}
+
+#[test]
+fn vm_container_ten_megabytes_of_output_arrive_byte_exact() {
+    let mut guest = guest_or_skip!();
+    /// Enough to fill every buffer between the process and the host many times over.
+    const SIZE: usize = 10 << 20;
+    const LINE: &str = "0123456789abcdefghijklmnopqrstuvwxyz\n";
+    let script = format!("yes 0123456789abcdefghijklmnopqrstuvwxyz | head -c {SIZE}");
+    let id = guest.create("big", &["sh", "-c", &script], |_| {});
+    let stdout = read_all(stream(&guest.uds, &id, StreamKind::Stdout));
+    let watchdog = Watchdog::arm(&guest.vm, TRANSFER_DEADLINE);
+    let started = Instant::now();
+
+    guest.agent.start_container(&id).expect("start");
+    let output = stdout.join().expect("stdout");
+    let elapsed = started.elapsed();
+    let exit = guest.agent.wait_container(&id);
+    let stalled = watchdog.disarm();
+
+    assert!(
+        !stalled,
+        "stalled: {} of {SIZE} bytes within {TRANSFER_DEADLINE:?}",
+        output.len()
+    );
+    assert_eq!(exit.expect("wait").code, 0);
+    guest.agent.delete_container(&id).expect("delete");
+    guest.stop();
+    eprintln!(
+        "10 MiB of container stdout to the host in {elapsed:.2?}: {:.1} MB/s",
+        megabytes_per_second(SIZE, elapsed)
+    );
+    let expected = LINE.repeat(SIZE / LINE.len() + 1);
+    assert_eq!(output.len(), SIZE);
+    assert!(
+        output == expected.as_bytes()[..SIZE],
+        "output differs from what was written"
+    );
+}
+
+#[test]
+fn vm_container_stdin_and_stdout_at_once_echo_three_megabytes_byte_exact() {
+    let mut guest = guest_or_skip!();
+    /// Far more than the buffers on either side, so both directions wait on credit at once.
+    const SIZE: usize = 3 << 20;
+    let stdio = Stdio {
+        stdin: true,
+        tty: false,
+    };
+    let id = guest.create_with("echo", &["cat"], stdio, |_| {});
+    let stdout = read_all(stream(&guest.uds, &id, StreamKind::Stdout));
+    let mut stdin = stream(&guest.uds, &id, StreamKind::Stdin);
+    // Not a repeating line: a byte out of place or a chunk twice would show.
+    let payload: Vec<u8> = (0..SIZE).map(|i| (i * 7 % 251) as u8).collect();
+    let expected = payload.clone();
+    let watchdog = Watchdog::arm(&guest.vm, TRANSFER_DEADLINE);
+    let started = Instant::now();
+
+    guest.agent.start_container(&id).expect("start");
+    let writer = thread::spawn(move || {
+        let written = stdin.write_all(&payload);
+        let _ = stdin.shutdown(std::net::Shutdown::Write);
+        written.map(|()| stdin)
+    });
+    let output = stdout.join().expect("stdout");
+    let elapsed = started.elapsed();
+    let written = writer.join().expect("writer");
+    let exit = guest.agent.wait_container(&id);
+    let stalled = watchdog.disarm();
+
+    assert!(
+        !stalled,
+        "stalled: {} of {SIZE} bytes echoed within {TRANSFER_DEADLINE:?}",
+        output.len()
+    );
+    written.expect("write stdin");
+    assert_eq!(exit.expect("wait").code, 0);
+    guest.agent.delete_container(&id).expect("delete");
+    guest.stop();
+    eprintln!(
+        "3 MiB through cat (stdin and stdout at once) in {elapsed:.2?}: {:.1} MB/s each way",
+        megabytes_per_second(SIZE, elapsed)
+    );
+    assert_eq!(output.len(), SIZE);
+    assert!(output == expected, "echo differs from what was written");
 }

@@ -104,7 +104,7 @@ pub enum VmError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendKind {
-    /// `qemu-system-x86_64 -M microvm` with `vhost-device-vsock`.
+    /// `qemu-system-x86_64 -M microvm` with `berth-vsock` (vhost-user vsock).
     Qemu,
 }
 

@@ -55,7 +55,7 @@ impl VmProcess {
         }
     }
 
-    /// What the process is (`qemu`, `vhost-device-vsock`).
+    /// What the process is (`qemu`, `berth-vsock`).
     pub fn role(&self) -> &str {
         &self.role
     }

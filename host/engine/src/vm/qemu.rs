@@ -1,9 +1,11 @@
-//! The `qemu` backend: `qemu-system-x86_64 -M microvm` plus `vhost-device-vsock`.
+//! The `qemu` backend: `qemu-system-x86_64 -M microvm` plus `berth-vsock`.
 //!
 //! This is the fallback where our own VMM cannot run: no `/dev/kvm`, or a PVM-only one. The
 //! guest sees the same virtio-mmio devices as under `berth-vmm`, and the host side of its vsock
-//! is the same hybrid-vsock unix socket (served by `vhost-device-vsock`, a vhost-user backend),
-//! so nothing above [`super::VmBackend`] knows which backend runs.
+//! is the same hybrid-vsock unix socket (served by `berth-vsock`, our vsock device as a
+//! vhost-user backend, built from `host/vmm`), so nothing above [`super::VmBackend`] knows which
+//! backend runs. `BERTH_VHOST_VSOCK` may name another program with the same command line
+//! (`vhost-device-vsock` from crates.io).
 //!
 //! `microvm` with `acpi=off` matters: with ACPI on, QEMU describes virtio-mmio devices only in
 //! ACPI tables, which our kernel does not parse; with it off, QEMU appends
@@ -25,9 +27,13 @@ use super::{BackendKind, VmBackend, VmConfig, VmError};
 const VHOST_SOCKET: &str = "vhost-vsock.sock";
 /// Where QEMU's and the vsock device's own messages go (not the guest console).
 const QEMU_LOG: &str = "qemu.log";
-const VHOST_LOG: &str = "vhost-device-vsock.log";
+const VHOST_LOG: &str = "berth-vsock.log";
 
-/// How long `vhost-device-vsock` may take to create its socket.
+/// The vsock device program, and the variable that overrides where it is found.
+const VSOCK_PROGRAM: &str = "berth-vsock";
+const VSOCK_ENV: &str = "BERTH_VHOST_VSOCK";
+
+/// How long the vsock device may take to create its socket.
 const HELPER_READY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The accelerator QEMU runs the guest with.
@@ -48,13 +54,14 @@ pub struct QemuBackend {
 }
 
 impl QemuBackend {
-    /// A backend using `accel`, finding the programs on `PATH` (or `BERTH_QEMU` /
-    /// `BERTH_VHOST_VSOCK`, or cargo's bin directory for `vhost-device-vsock`).
+    /// A backend using `accel`. QEMU is `BERTH_QEMU` or found on `PATH`; the vsock device is
+    /// `BERTH_VHOST_VSOCK`, or `berth-vsock` beside the running executable (where a workspace
+    /// build puts it), on `PATH`, or in cargo's bin directory.
     pub fn new(accel: Accel) -> Self {
         Self {
             accel,
-            qemu: find_program("qemu-system-x86_64", "BERTH_QEMU"),
-            vhost_vsock: find_program("vhost-device-vsock", "BERTH_VHOST_VSOCK"),
+            qemu: find_program("qemu-system-x86_64", "BERTH_QEMU", false),
+            vhost_vsock: find_program(VSOCK_PROGRAM, VSOCK_ENV, true),
         }
     }
 
@@ -66,6 +73,11 @@ impl QemuBackend {
     /// The QEMU executable this backend runs.
     pub fn qemu_program(&self) -> &Path {
         &self.qemu
+    }
+
+    /// The vsock device (vhost-user backend) this backend runs.
+    pub fn vsock_program(&self) -> &Path {
+        &self.vhost_vsock
     }
 
     fn spawn_vhost_vsock(&self, config: &VmConfig) -> Result<VmProcess, VmError> {
@@ -81,19 +93,16 @@ impl QemuBackend {
         let child = spawn_detached(
             &mut command,
             &config.state_dir.join(VHOST_LOG),
-            "install it with `cargo install vhost-device-vsock` or set BERTH_VHOST_VSOCK",
+            "build it with `cargo build -p berth-vmm --bin berth-vsock` or set BERTH_VHOST_VSOCK",
         )?;
-        let mut process = VmProcess::spawned(
-            "vhost-device-vsock",
-            child,
-            config.state_dir.to_string_lossy(),
-        );
+        let mut process =
+            VmProcess::spawned(VSOCK_PROGRAM, child, config.state_dir.to_string_lossy());
         // QEMU connects to the socket as a client at start, so it must exist first.
         let deadline = Instant::now() + HELPER_READY_TIMEOUT;
         while !socket.exists() {
             if let Some(status) = process.exit_status() {
                 return Err(VmError::HelperFailed {
-                    program: "vhost-device-vsock".into(),
+                    program: VSOCK_PROGRAM.into(),
                     status,
                     log: config.state_dir.join(VHOST_LOG),
                 });
@@ -101,7 +110,7 @@ impl QemuBackend {
             if Instant::now() > deadline {
                 process.kill_and_reap();
                 return Err(VmError::HelperTimeout {
-                    program: "vhost-device-vsock".into(),
+                    program: VSOCK_PROGRAM.into(),
                     path: socket,
                     secs: HELPER_READY_TIMEOUT.as_secs(),
                 });
@@ -227,13 +236,25 @@ pub(super) fn forget_files(state_dir: &Path) {
     }
 }
 
-/// Finds `name`: the `env` override, then `PATH`, then cargo's bin directory (where
-/// `cargo install` puts `vhost-device-vsock`). Falls back to the bare name so the spawn error
-/// names the program.
-fn find_program(name: &str, env: &str) -> PathBuf {
+/// Finds `name`: the `env` override; then, if `beside_exe`, the running executable's directory
+/// and its parent (`target/<profile>/` holds every binary of a workspace build, and test
+/// binaries run from its `deps/`); then `PATH`; then cargo's bin directory. Falls back to the
+/// bare name so the spawn error names the program.
+fn find_program(name: &str, env: &str, beside_exe: bool) -> PathBuf {
     if let Some(path) = std::env::var_os(env) {
         return PathBuf::from(path);
     }
+    let exe_dirs = std::env::current_exe()
+        .ok()
+        .filter(|_| beside_exe)
+        .map(|exe| {
+            exe.ancestors()
+                .skip(1)
+                .take(2)
+                .map(Path::to_path_buf)
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
     let path_dirs = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
         .unwrap_or_default();
@@ -241,8 +262,9 @@ fn find_program(name: &str, env: &str) -> PathBuf {
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
         .map(|c| c.join("bin"));
-    path_dirs
+    exe_dirs
         .into_iter()
+        .chain(path_dirs)
         .chain(cargo_bin)
         .map(|dir| dir.join(name))
         .find(|candidate| candidate.is_file())
@@ -313,6 +335,13 @@ mod tests {
         let args = qemu_args(&config(), Accel::Tcg, None);
 
         assert!(!args.iter().any(|a| a.to_string_lossy().contains("vsock")));
+    }
+
+    #[test]
+    fn find_program_found_nowhere_is_the_bare_name() {
+        let found = find_program("berth-no-such-program", "BERTH_TEST_UNSET_VARIABLE", true);
+
+        assert_eq!(found, PathBuf::from("berth-no-such-program"));
     }
 
     #[test]
