@@ -464,14 +464,16 @@ fn vm_container_ten_megabytes_of_output_arrive_byte_exact() {
     let exit = guest.agent.wait_container(&id);
     let stalled = watchdog.disarm();
 
+    // The watchdog killed the VM if it fired; otherwise stop it before anything can fail.
     assert!(
         !stalled,
         "stalled: {} of {SIZE} bytes within {TRANSFER_DEADLINE:?}",
         output.len()
     );
-    assert_eq!(exit.expect("wait").code, 0);
-    guest.agent.delete_container(&id).expect("delete");
+    let deleted = guest.agent.delete_container(&id);
     guest.stop();
+    assert_eq!(exit.expect("wait").code, 0);
+    deleted.expect("delete");
     eprintln!(
         "10 MiB of container stdout to the host in {elapsed:.2?}: {:.1} MB/s",
         megabytes_per_second(SIZE, elapsed)
@@ -519,10 +521,11 @@ fn vm_container_stdin_and_stdout_at_once_echo_three_megabytes_byte_exact() {
         "stalled: {} of {SIZE} bytes echoed within {TRANSFER_DEADLINE:?}",
         output.len()
     );
+    let deleted = guest.agent.delete_container(&id);
+    guest.stop();
     written.expect("write stdin");
     assert_eq!(exit.expect("wait").code, 0);
-    guest.agent.delete_container(&id).expect("delete");
-    guest.stop();
+    deleted.expect("delete");
     eprintln!(
         "3 MiB through cat (stdin and stdout at once) in {elapsed:.2?}: {:.1} MB/s each way",
         megabytes_per_second(SIZE, elapsed)
