@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what Berth needs to build and test on a fresh Debian 12 machine, and nothing twice:
 # Debian packages (QEMU, the kernel source and its build deps, busybox-static for test images,
-# skopeo/umoci/docker-registry for image tests)
-# and vhost-device-vsock from crates.io (the qemu backend's vsock device).
+# skopeo/umoci/docker-registry for image tests). The qemu backend's vsock device, berth-vsock,
+# is built from the workspace (host/vmm).
 set -euo pipefail
 
 packages=(
@@ -21,7 +21,6 @@ packages=(
   # The anchor of `berth bench container`.
   crun
 )
-vhost_vsock_version=0.3.0
 
 missing=()
 for package in "${packages[@]}"; do
@@ -34,12 +33,6 @@ if ((${#missing[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
-
-cargo_bin=${CARGO_HOME:-$HOME/.cargo}/bin
-if ! "$cargo_bin/vhost-device-vsock" --version 2>/dev/null | grep -q "$vhost_vsock_version"; then
-  echo "install-deps: cargo install vhost-device-vsock $vhost_vsock_version" >&2
-  cargo install --quiet --locked vhost-device-vsock --version "$vhost_vsock_version"
 fi
 
 # docker-py, the SDK the tier-3 tests drive berthd with besides the CLI.
