@@ -38,6 +38,8 @@ mod test_utils;
 
 pub use muxer::{MuxerConfig, VsockMuxer};
 pub use packet::{ConnKey, Header};
+/// Size of a packet header in guest memory.
+pub use virtio_vsock::packet::PKT_HEADER_SIZE;
 
 use std::io;
 use std::path::PathBuf;
