@@ -11,6 +11,8 @@ tests/install-deps.sh
 kernel-config/build.sh
 vm-image/build.sh
 cargo build --quiet --release --locked -p berth-cli -p berth-daemon
+# The qemu backend's vsock device; berthd finds it beside itself.
+cargo build --quiet --release --locked -p berth-vmm --bin berth-vsock
 tests/images/make-busybox.sh target/berth/images >/dev/null
 
 socket=${BERTH_SOCKET:-${XDG_RUNTIME_DIR:-/run}/berth/docker.sock}
