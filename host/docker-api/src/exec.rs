@@ -95,15 +95,32 @@ pub async fn start(
         return Ok(body::empty(StatusCode::OK));
     }
     let on_upgrade = on_upgrade.ok_or_else(hijack::upgrade_required)?;
+    if exec.state().started {
+        return Err(crate::error::ApiError::conflict(format!(
+            "Error: Exec command {id} has already run"
+        )));
+    }
     let response = hijack::switching_protocols(tty);
-    let io = engine.exec_start(id).await?;
     let (want_stdout, want_stderr) = (exec.spec.attach_stdout, exec.spec.attach_stderr);
+    let engine = Arc::clone(engine);
+    let id = id.to_owned();
     tokio::spawn(async move {
         let Some(client) = hijack::take(on_upgrade).await else {
-            drain(io).await;
             return;
         };
         let (mut reader, mut writer) = tokio::io::split(client);
+        // The process starts only once the client has the connection, as dockerd does it:
+        // clients that parse the 101 with a buffered reader (docker-py) would otherwise swallow
+        // output that arrives in the same read as the headers.
+        let io = match engine.exec_start(&id).await {
+            Ok(io) => io,
+            Err(e) => {
+                let message = format!("Error response from daemon: {e}\n");
+                let _ = writer.write_all(message.as_bytes()).await;
+                let _ = writer.shutdown().await;
+                return;
+            }
+        };
         let ExecIo {
             outputs,
             stdin,
