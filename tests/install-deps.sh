@@ -36,7 +36,10 @@ if ((${#missing[@]})); then
 fi
 
 # docker-py, the SDK the tier-3 tests drive berthd with besides the CLI.
+# Debian's own python3 refuses pip installs (PEP 668); its python3-docker package serves then.
 if ! python3 -c 'import docker' 2>/dev/null; then
   echo "install-deps: pip install docker" >&2
-  python3 -m pip install --quiet docker
+  python3 -m pip install --quiet docker 2>/dev/null ||
+    python3 -m pip install --quiet --break-system-packages docker 2>/dev/null ||
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-docker >/dev/null
 fi
