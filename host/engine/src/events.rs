@@ -2,9 +2,11 @@
 //! `--since` can look back) and a broadcast to live listeners.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::Mutex;
 
 use tokio::sync::broadcast;
+
+use crate::sync::lock;
 
 /// How many past events are kept for `--since`.
 const HISTORY: usize = 1024;
@@ -37,10 +39,6 @@ impl Default for Events {
     fn default() -> Self {
         Self::new()
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Events {

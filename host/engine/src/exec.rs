@@ -6,7 +6,7 @@
 //! the `exec inspect` a client issues after the stream ends sees it.
 
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use agent_protocol::defaults::docker_default_spec;
 use agent_protocol::{ExecProcess, StreamHeader, StreamKind};
@@ -18,6 +18,7 @@ use crate::containers::spec::{self, SpecError};
 use crate::containers::{new_id, Status};
 use crate::machine::describe;
 use crate::runtime::{blocking_image, Engine, EngineError};
+use crate::sync::lock;
 
 /// What `docker exec` asked for.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -64,10 +65,6 @@ pub struct Exec {
     pub spec: ExecSpec,
     state: Mutex<ExecState>,
     done: watch::Sender<bool>,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Exec {

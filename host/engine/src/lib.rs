@@ -11,6 +11,7 @@ pub mod host;
 pub mod images;
 pub mod machine;
 pub mod runtime;
+pub(crate) mod sync;
 pub mod vm;
 
 pub use agent_client::{AgentClient, AgentClientError};

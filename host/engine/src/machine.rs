@@ -12,7 +12,7 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agent_protocol::{AgentErrorKind, StreamHeader, SystemInfo};
@@ -21,6 +21,7 @@ use tokio::sync::Notify;
 use tracing::{info, warn};
 
 use crate::agent_client::{open_stream, open_stream_vsock, AgentClient, AgentClientError};
+use crate::sync::lock;
 use crate::vm::{error_chain, select_backend, StopOutcome, Vm, VmConfig, VmError};
 use crate::ErrorKind;
 
@@ -118,10 +119,6 @@ pub struct Session {
     /// Chain ids of the layers unpacked in this guest. Held across an upload, so two
     /// containers needing the same layer upload it once.
     pub layers: tokio::sync::Mutex<HashSet<String>>,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Session {

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use agent_protocol::{
@@ -28,6 +28,7 @@ use crate::containers::{
 use crate::events::Events;
 use crate::images::{Image, ImageError, ImageStore, ImageUser};
 use crate::machine::{describe, Machine, MachineError, Session};
+use crate::sync::lock;
 use crate::vm::VmConfig;
 use crate::ErrorKind;
 
@@ -128,10 +129,6 @@ pub struct Engine {
     containers: RwLock<HashMap<String, Arc<Container>>>,
     pub(crate) execs: Mutex<HashMap<String, Arc<crate::exec::Exec>>>,
     last_info: Mutex<Option<SystemInfo>>,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Engine {

@@ -8,12 +8,13 @@
 
 use std::io;
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::Mutex;
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use crate::containers::logs::{LogStream, LogWriter};
+use crate::sync::lock;
 
 /// How many chunks an attached client may lag behind before the container waits for it.
 const SUBSCRIBER_BACKLOG: usize = 64;
@@ -39,10 +40,6 @@ struct HubInner {
 #[derive(Debug)]
 pub struct OutputHub {
     inner: Mutex<HubInner>,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl OutputHub {

@@ -13,13 +13,14 @@ pub mod spec;
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::containers::io::{OutputHub, StdinChannel};
 use crate::containers::spec::ContainerSpec;
+use crate::sync::lock;
 
 /// Docker's zero time, which inspect shows for "never".
 pub const ZERO_TIME: &str = "0001-01-01T00:00:00Z";
@@ -148,10 +149,6 @@ pub struct Container {
     pub exits: watch::Sender<ExitReport>,
     /// Set once it has been removed.
     pub removed: watch::Sender<bool>,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The file holding a container's record.
