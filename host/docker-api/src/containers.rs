@@ -234,7 +234,8 @@ fn matches_filters(record: &ContainerRecord, filters: &HashMap<String, Vec<Strin
     })
 }
 
-fn unix_seconds(rfc3339: &str) -> i64 {
+/// Unix seconds of an RFC 3339 time, 0 for a time that does not parse (Docker's zero).
+pub fn unix_seconds(rfc3339: &str) -> i64 {
     chrono::DateTime::parse_from_rfc3339(rfc3339).map_or(0, |t| t.timestamp())
 }
 

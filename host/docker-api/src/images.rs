@@ -17,6 +17,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use crate::body::{self, json_line, ApiResponse};
+use crate::containers::unix_seconds;
 use crate::error::{ApiError, ApiResult};
 use crate::query::Query;
 
@@ -88,11 +89,7 @@ impl Write for BodyWriter {
 }
 
 fn created_seconds(image: &Image) -> i64 {
-    image
-        .created
-        .as_deref()
-        .and_then(|c| chrono::DateTime::parse_from_rfc3339(c).ok())
-        .map_or(0, |t| t.timestamp())
+    image.created.as_deref().map_or(0, unix_seconds)
 }
 
 async fn blocking<T: Send + 'static>(
@@ -219,10 +216,14 @@ pub async fn history(engine: &Arc<Engine>, name: &str) -> ApiResult<ApiResponse>
         .iter()
         .map(|h| {
             let empty = h.empty_layer().unwrap_or(false);
-            let size = if empty { 0 } else { layers.next().map_or(0, |l| l.uncompressed_size) };
+            let size = if empty {
+                0
+            } else {
+                layers.next().map_or(0, |l| l.uncompressed_size)
+            };
             json!({
                 "Id": "<missing>",
-                "Created": h.created().as_deref().and_then(|c| chrono::DateTime::parse_from_rfc3339(c).ok()).map_or(0, |t| t.timestamp()),
+                "Created": h.created().as_deref().map_or(0, unix_seconds),
                 "CreatedBy": h.created_by().clone().unwrap_or_default(),
                 "Tags": Value::Null,
                 "Size": size,
@@ -311,18 +312,12 @@ pub async fn prune(engine: &Arc<Engine>, query: &Query) -> ApiResult<ApiResponse
 
 /// `POST /images/load?quiet=`: a docker-archive or OCI layout tar, answered with a JSON
 /// stream of what was loaded.
-pub async fn load(
-    engine: &Arc<Engine>,
-    query: &Query,
-    request: Request<Incoming>,
-) -> ApiResult<ApiResponse> {
-    let _quiet = query.flag("quiet", false);
+pub async fn load(engine: &Arc<Engine>, request: Request<Incoming>) -> ApiResult<ApiResponse> {
     let reader = BodyReader::spawn(request.into_body());
     let store = Arc::clone(&engine.images);
     let (response, sender) = body::streaming("application/json");
     let engine = Arc::clone(engine);
     tokio::spawn(async move {
-        let progress_sender = sender.clone();
         let result = tokio::task::spawn_blocking(move || {
             let mut lines = Vec::new();
             let loaded = store.load(reader, &mut |line: &str| lines.push(line.to_owned()));
@@ -340,13 +335,12 @@ pub async fn load(
         };
         match loaded {
             Ok(images) => {
-                // `quiet` silences progress bars only; dockerd still says what it loaded.
-                {
-                    for line in lines {
-                        let _ = progress_sender
-                            .send(json_line(&json!({ "stream": format!("{line}\n") })))
-                            .await;
-                    }
+                // Also under `quiet`, which silences progress bars only: dockerd still says
+                // what it loaded.
+                for line in lines {
+                    let _ = sender
+                        .send(json_line(&json!({ "stream": format!("{line}\n") })))
+                        .await;
                 }
                 for image in images {
                     engine.events.emit("image", "load", image.id.clone(), []);

@@ -133,7 +133,7 @@ async fn dispatch(
         (&M::GET, ["exec", id, "json"]) => exec::inspect(&engine, id),
 
         (&M::GET, ["images", "json"]) => images::list(&engine, &query).await,
-        (&M::POST, ["images", "load"]) => images::load(&engine, &query, request).await,
+        (&M::POST, ["images", "load"]) => images::load(&engine, request).await,
         (&M::POST, ["images", "create"]) => images::create(&engine, &query, request).await,
         (&M::POST, ["images", "prune"]) => images::prune(&engine, &query).await,
         (&M::GET, ["images", "get"]) => images::save(&engine, query.all("names")),

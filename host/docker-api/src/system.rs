@@ -8,6 +8,7 @@ use hyper::{Method, StatusCode};
 use serde_json::{json, Value};
 
 use crate::body::{self, json_line, ApiResponse};
+use crate::containers::unix_seconds;
 use crate::error::{ApiError, ApiResult};
 use crate::query::Query;
 use crate::{API_VERSION, ENGINE_VERSION, MIN_API_VERSION};
@@ -224,7 +225,7 @@ pub async fn df(engine: &Arc<Engine>) -> ApiResult<ApiResponse> {
                 "ParentId": "",
                 "RepoTags": image.repo_tags,
                 "RepoDigests": image.repo_digests,
-                "Created": image.created.as_deref().and_then(|c| chrono::DateTime::parse_from_rfc3339(c).ok()).map_or(0, |t| t.timestamp()),
+                "Created": image.created.as_deref().map_or(0, unix_seconds),
                 "Size": image.size,
                 "SharedSize": 0,
                 "VirtualSize": image.size,
@@ -242,7 +243,7 @@ pub async fn df(engine: &Arc<Engine>) -> ApiResult<ApiResponse> {
                 "Image": r.spec.image,
                 "ImageID": r.image_id,
                 "Command": r.spec.cmd.join(" "),
-                "Created": chrono::DateTime::parse_from_rfc3339(&r.created).map_or(0, |t| t.timestamp()),
+                "Created": unix_seconds(&r.created),
                 "State": r.state.status.as_str(),
                 "Status": r.state.status.as_str(),
                 "SizeRw": 0,

@@ -122,10 +122,11 @@ impl Engine {
             state: Mutex::new(ExecState::default()),
             done: watch::channel(false).0,
         });
+        let action = format!("exec_create: {}", exec.spec.cmd.join(" "));
         lock(&self.execs).insert(id.clone(), exec);
         self.events.emit(
             "container",
-            format!("exec_create: {}", lock(&self.execs)[&id].spec.cmd.join(" ")),
+            action,
             &container.id,
             [("name", container.record().name)],
         );
