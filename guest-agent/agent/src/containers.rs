@@ -19,7 +19,7 @@
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -27,9 +27,11 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use agent_protocol::{
-    ContainerConfig as WireConfig, ContainerStats, CreateContainer, ExecProcess, ExitInfo,
-    StreamHeader, StreamKind, TopInfo, TopProcess, UnpackLayer, UnpackedLayer,
+    ContainerConfig as WireConfig, ContainerPath, ContainerStats, CreateContainer, ExecProcess,
+    ExitInfo, PathStat, ReadArchive, StreamHeader, StreamKind, TopInfo, TopProcess, UnpackLayer,
+    UnpackedLayer, WriteArchive,
 };
+use berth_container::archive::{self, ArchiveError, ExtractOptions, PathInfo, Root};
 use berth_container::cgroup::{CgroupConfig, CgroupStats};
 use berth_container::mounts::OverlayConfig;
 use berth_container::unpack::{unpack_layer, UnpackError, UnpackOptions};
@@ -70,7 +72,7 @@ pub enum ContainersError {
     NoReaper,
     #[error("the container's init was not reaped within {0:?} of SIGKILL")]
     KillTimeout(Duration),
-    #[error("no layer upload {0:?} arrived")]
+    #[error("no transfer stream {0:?} arrived")]
     NoUpload(String),
     #[error("{0} is not a normalised absolute path below the storage root")]
     OutsideStorage(PathBuf),
@@ -89,6 +91,10 @@ pub enum ContainersError {
     Container(#[from] ContainerError),
     #[error("cannot unpack the layer")]
     Unpack(#[from] UnpackError),
+    #[error("container {0:?} does not run here and no stopped root was given")]
+    NoRoot(String),
+    #[error(transparent)]
+    Archive(#[from] ArchiveError),
 }
 
 /// Where the registry keeps per-container files and creates cgroups.
@@ -227,8 +233,9 @@ pub struct Containers {
     reaper: Option<Reaper>,
     config: ContainersConfig,
     entries: Mutex<HashMap<String, Arc<ContainerEntry>>>,
-    uploads: Mutex<HashMap<String, File>>,
-    upload_arrived: Condvar,
+    /// Upload and download streams waiting for the request that names them.
+    transfers: Mutex<HashMap<String, File>>,
+    transfer_arrived: Condvar,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -243,8 +250,8 @@ impl Containers {
             reaper,
             config,
             entries: Mutex::new(HashMap::new()),
-            uploads: Mutex::new(HashMap::new()),
-            upload_arrived: Condvar::new(),
+            transfers: Mutex::new(HashMap::new()),
+            transfer_arrived: Condvar::new(),
         }
     }
 
@@ -572,7 +579,9 @@ impl Containers {
             StreamKind::Stdout => (pending.stdout.take(), "stdout"),
             StreamKind::Stderr => (pending.stderr.take(), "stderr"),
             StreamKind::Pty => (pending.pty.take(), "terminal"),
-            StreamKind::LayerUpload => (None, "layer upload"),
+            StreamKind::LayerUpload | StreamKind::ArchiveUpload | StreamKind::ArchiveDownload => {
+                (None, "transfer")
+            }
         };
         drop(pending);
         let file = file.ok_or(ContainersError::NotAttachable(name))?;
@@ -590,10 +599,11 @@ impl Containers {
         })
     }
 
-    /// Parks an upload stream until `UnpackLayer` takes it.
-    pub fn park_upload(&self, upload_id: String, connection: File) {
-        lock(&self.uploads).insert(upload_id, connection);
-        self.upload_arrived.notify_all();
+    /// Parks a transfer stream (layer or archive upload, archive download) until the request
+    /// naming it takes it.
+    pub fn park_transfer(&self, name: String, connection: File) {
+        lock(&self.transfers).insert(name, connection);
+        self.transfer_arrived.notify_all();
     }
 
     /// The directory below which `CreateDirs` and `RemoveDirs` act.
@@ -605,7 +615,7 @@ impl Containers {
     /// directory exists (it must be empty), else into `<dir>.partial`, renamed into place once
     /// complete.
     pub fn do_unpack_layer(&self, request: &UnpackLayer) -> Result<UnpackedLayer, ContainersError> {
-        let upload = self.take_upload(&request.upload_id)?;
+        let upload = self.take_transfer(&request.upload_id)?;
         let options = UnpackOptions {
             allow_devices: request.allow_devices,
         };
@@ -678,6 +688,91 @@ impl Containers {
             .try_for_each(|path| remove_dir_if_present(path))
     }
 
+    /// `lstat` of a path in a container.
+    pub fn do_stat_path(&self, target: &ContainerPath) -> Result<PathStat, ContainersError> {
+        let root = self.path_root(target)?;
+        let info = archive::in_root(root.as_root(), || archive::stat_path(&target.path))?;
+        Ok(path_stat(info))
+    }
+
+    /// Writes a tar of a path (or, for an export, the whole root) to the download stream the
+    /// request names, then closes it.
+    pub fn do_read_archive(&self, request: &ReadArchive) -> Result<PathStat, ContainersError> {
+        let root = self.path_root(&request.target)?;
+        let stream = self.take_transfer(&request.stream_id)?;
+        let out = io::BufWriter::with_capacity(TRANSFER_BUFFER, &stream);
+        let path = &request.target.path;
+        let info = archive::in_root(root.as_root(), || {
+            if request.export {
+                let info = archive::stat_path("/")?;
+                archive::export_root(out)?;
+                Ok(info)
+            } else {
+                archive::write_path_archive(path, out)
+            }
+        })?;
+        // The end of the stream is the end of the tar.
+        let _ = nix::sys::socket::shutdown(stream.as_raw_fd(), nix::sys::socket::Shutdown::Write);
+        Ok(path_stat(info))
+    }
+
+    /// Extracts the tar of the upload stream the request names into a directory.
+    pub fn do_write_archive(&self, request: &WriteArchive) -> Result<u64, ContainersError> {
+        let root = self.path_root(&request.target)?;
+        let stream = self.take_transfer(&request.stream_id)?;
+        let input = io::BufReader::with_capacity(TRANSFER_BUFFER, &stream);
+        let path = &request.target.path;
+        let owner = request.owner.as_deref();
+        Ok(archive::in_root(root.as_root(), || {
+            let owner = owner
+                .map(|user| {
+                    berth_container::user::resolve_in_root(Path::new("/"), user, &[])
+                        .map(|resolved| (resolved.uid, resolved.gid))
+                        .map_err(|_| ArchiveError::Owner(user.to_owned()))
+                })
+                .transpose()?;
+            let options = ExtractOptions {
+                no_overwrite_dir_non_dir: request.no_overwrite_dir_non_dir,
+                owner,
+            };
+            archive::extract_archive(path, input, options)
+        })?)
+    }
+
+    /// Where a path request looks: the running init's root, else the stopped root's overlay
+    /// (its directories below the storage root).
+    fn path_root(&self, target: &ContainerPath) -> Result<PathRoot, ContainersError> {
+        if let Ok(entry) = self.entry(&target.container_id) {
+            if entry.init.exit.get().is_none() {
+                if let Ok(pid) = self.with_container(&target.container_id, |c| Ok(c.init().pid())) {
+                    return Ok(PathRoot::Process(pid));
+                }
+            }
+        }
+        let stopped = target
+            .stopped_root
+            .as_ref()
+            .ok_or_else(|| ContainersError::NoRoot(target.container_id.clone()))?;
+        let overlay = &stopped.overlay;
+        self.check_storage_path(&stopped.rootfs)?;
+        for dir in overlay
+            .lower_dirs
+            .iter()
+            .chain(&overlay.upper_dir)
+            .chain(&overlay.work_dir)
+        {
+            self.check_storage_path(dir)?;
+        }
+        Ok(PathRoot::Overlay {
+            rootfs: stopped.rootfs.clone(),
+            overlay: OverlayConfig {
+                lower_dirs: overlay.lower_dirs.clone(),
+                upper_dir: overlay.upper_dir.clone(),
+                work_dir: overlay.work_dir.clone(),
+            },
+        })
+    }
+
     fn check_storage_path(&self, path: &Path) -> Result<(), ContainersError> {
         let below = path
             .strip_prefix(&self.config.storage_root)
@@ -693,22 +788,53 @@ impl Containers {
         }
     }
 
-    fn take_upload(&self, upload_id: &str) -> Result<File, ContainersError> {
+    fn take_transfer(&self, name: &str) -> Result<File, ContainersError> {
         let deadline = Instant::now() + UPLOAD_WAIT;
-        let mut uploads = lock(&self.uploads);
+        let mut transfers = lock(&self.transfers);
         loop {
-            if let Some(upload) = uploads.remove(upload_id) {
-                return Ok(upload);
+            if let Some(stream) = transfers.remove(name) {
+                return Ok(stream);
             }
             let left = deadline
                 .checked_duration_since(Instant::now())
-                .ok_or_else(|| ContainersError::NoUpload(upload_id.to_owned()))?;
-            uploads = self
-                .upload_arrived
-                .wait_timeout(uploads, left)
+                .ok_or_else(|| ContainersError::NoUpload(name.to_owned()))?;
+            transfers = self
+                .transfer_arrived
+                .wait_timeout(transfers, left)
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
         }
+    }
+}
+
+/// Bytes buffered per write to, or read from, an archive stream.
+const TRANSFER_BUFFER: usize = 64 * 1024;
+
+/// The root of a path request, owned.
+enum PathRoot {
+    Process(i32),
+    Overlay {
+        rootfs: PathBuf,
+        overlay: OverlayConfig,
+    },
+}
+
+impl PathRoot {
+    fn as_root(&self) -> Root<'_> {
+        match self {
+            Self::Process(pid) => Root::Process(*pid),
+            Self::Overlay { rootfs, overlay } => Root::Overlay { rootfs, overlay },
+        }
+    }
+}
+
+fn path_stat(info: PathInfo) -> PathStat {
+    PathStat {
+        name: info.name,
+        size: info.size,
+        mode: info.mode,
+        mtime_unix_nanos: info.mtime_unix_nanos,
+        link_target: info.link_target,
     }
 }
 

@@ -8,10 +8,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use agent_protocol::{
-    negotiate_version, AgentError, AgentErrorKind, ContainerRef, CreateContainer, ExecProcess,
-    ExecRef, Hello, HelloAck, ProcessRef, ResizePty, Response, SignalProcess, StorageDirs,
-    UnpackLayer, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    negotiate_version, AgentError, AgentErrorKind, ContainerPath, ContainerRef, CreateContainer,
+    ExecProcess, ExecRef, Hello, HelloAck, ProcessRef, ReadArchive, ResizePty, Response,
+    SignalProcess, StorageDirs, UnpackLayer, WriteArchive, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
+use berth_container::archive::ArchiveError;
 use berth_container::unpack::UnpackError;
 use berth_container::ContainerError;
 
@@ -325,13 +326,50 @@ pub fn remove_dirs(context: &AgentContext, request: &StorageDirs) -> Result<Resp
         .map_err(|e| container_error(&e))
 }
 
+/// `StatPath`.
+pub fn stat_path(context: &AgentContext, request: &ContainerPath) -> Result<Response, AgentError> {
+    require("the container id", &request.container_id)?;
+    context
+        .containers
+        .do_stat_path(request)
+        .map(Response::PathStat)
+        .map_err(|e| container_error(&e))
+}
+
+/// `ReadArchive`.
+pub fn read_archive(context: &AgentContext, request: &ReadArchive) -> Result<Response, AgentError> {
+    require("the container id", &request.target.container_id)?;
+    require("the stream id", &request.stream_id)?;
+    context
+        .containers
+        .do_read_archive(request)
+        .map(Response::PathStat)
+        .map_err(|e| container_error(&e))
+}
+
+/// `WriteArchive`.
+pub fn write_archive(
+    context: &AgentContext,
+    request: &WriteArchive,
+) -> Result<Response, AgentError> {
+    require("the container id", &request.target.container_id)?;
+    require("the stream id", &request.stream_id)?;
+    context
+        .containers
+        .do_write_archive(request)
+        .map(|_| Response::Done)
+        .map_err(|e| container_error(&e))
+}
+
 /// Maps a container failure onto the wire: what the host named wrongly, what conflicts with
 /// the current state, what the layer or config got wrong, and the rest as internal.
 pub fn container_error(error: &ContainersError) -> AgentError {
     let kind = match error {
         ContainersError::NoContainer(_)
         | ContainersError::NoExec { .. }
-        | ContainersError::NoUpload(_) => AgentErrorKind::NotFound,
+        | ContainersError::NoUpload(_)
+        | ContainersError::NoRoot(_)
+        | ContainersError::Archive(ArchiveError::NotFound(_)) => AgentErrorKind::NotFound,
         ContainersError::Exists(_)
         | ContainersError::ExecExists { .. }
         | ContainersError::LayerExists(_)
@@ -351,6 +389,13 @@ pub fn container_error(error: &ContainersError) -> AgentError {
             | UnpackError::DeviceNotAllowed { .. }
             | UnpackError::UnsupportedType { .. }
             | UnpackError::Zstd(_),
+        )
+        | ContainersError::Archive(
+            ArchiveError::BadPath(_)
+            | ArchiveError::NotADirectory
+            | ArchiveError::Overwrite { .. }
+            | ArchiveError::Owner(_)
+            | ArchiveError::BadArchive(_),
         ) => AgentErrorKind::InvalidArgument,
         _ => AgentErrorKind::Internal,
     };

@@ -256,6 +256,19 @@ impl Session<'_> {
                 handlers::remove_dirs(self.context, &body),
                 Then::Continue,
             ),
+            (Some(_), Request::StatPath(body)) => {
+                Step::answer(id, handlers::stat_path(self.context, &body), Then::Continue)
+            }
+            (Some(_), Request::ReadArchive(body)) => Step::answer(
+                id,
+                handlers::read_archive(self.context, &body),
+                Then::Continue,
+            ),
+            (Some(_), Request::WriteArchive(body)) => Step::answer(
+                id,
+                handlers::write_archive(self.context, &body),
+                Then::Continue,
+            ),
             (Some(_), Request::Shutdown) => {
                 let result = handlers::shutdown();
                 let then = if result.is_ok() {
@@ -349,6 +362,9 @@ fn request_name(request: &Request) -> &'static str {
         Request::UnpackLayer(_) => "UnpackLayer",
         Request::CreateDirs(_) => "CreateDirs",
         Request::RemoveDirs(_) => "RemoveDirs",
+        Request::StatPath(_) => "StatPath",
+        Request::ReadArchive(_) => "ReadArchive",
+        Request::WriteArchive(_) => "WriteArchive",
     }
 }
 

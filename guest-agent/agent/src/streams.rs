@@ -13,7 +13,8 @@
 //! - stdin: from the host to the pipe; the host's half-close (or `CloseStdin`) closes the pipe.
 //! - pty: both ways, one thread each; the output side ends when the terminal reports the
 //!   slave side closed.
-//! - layer upload: parked until `UnpackLayer` reads it.
+//! - layer upload, archive upload and download: parked until the request naming them
+//!   (`UnpackLayer`, `WriteArchive`, `ReadArchive`) takes them.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -99,9 +100,12 @@ fn serve(mut connection: File, containers: &Containers) {
             return;
         }
     };
-    if header.kind == StreamKind::LayerUpload {
+    if matches!(
+        header.kind,
+        StreamKind::LayerUpload | StreamKind::ArchiveUpload | StreamKind::ArchiveDownload
+    ) {
         if accept(&mut connection, Ok(())).is_ok() {
-            containers.park_upload(header.container_id, connection);
+            containers.park_transfer(header.container_id, connection);
         }
         return;
     }

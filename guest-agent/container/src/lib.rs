@@ -5,6 +5,7 @@
 //! A binary using this crate must call [`run_init_if_requested`] first thing in `main`: the
 //! crate re-executes that binary to set containers up (see [`init`]).
 
+pub mod archive;
 pub mod caps;
 pub mod cgroup;
 pub mod container;

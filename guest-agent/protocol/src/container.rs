@@ -233,12 +233,16 @@ pub enum StreamKind {
     Pty,
     /// Host to agent: a layer blob for [`crate::Request::UnpackLayer`].
     LayerUpload,
+    /// Host to agent: a tar for [`crate::Request::WriteArchive`].
+    ArchiveUpload,
+    /// Agent to host: the tar [`crate::Request::ReadArchive`] writes.
+    ArchiveDownload,
 }
 
 /// The first frame on a stream connection: what the connection belongs to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StreamHeader {
-    /// The container id; for [`StreamKind::LayerUpload`], the upload's name.
+    /// The container id; for uploads and downloads, the transfer's name.
     pub container_id: String,
     /// The exec id; `None` for the container's init (and for uploads).
     #[serde(default)]

@@ -10,11 +10,13 @@
 //! readable in logs and lets an older peer skip fields it does not know; the header carries the
 //! protocol version so a peer from the future is told so plainly instead of failing to parse.
 
+pub mod archive;
 pub mod container;
 pub mod defaults;
 pub mod frame;
 pub mod messages;
 
+pub use archive::*;
 pub use container::*;
 
 pub use frame::{

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::archive::{ContainerPath, PathStat, ReadArchive, WriteArchive};
 use crate::container::{
     ContainerRef, ContainerStats, CreateContainer, ExecProcess, ExecRef, ExitInfo, ProcessRef,
     ResizePty, SignalProcess, StorageDirs, TopInfo, UnpackLayer, UnpackedLayer,
@@ -80,6 +81,14 @@ pub enum Request {
     /// Remove directories and everything in them under the agent's storage root; answered
     /// with `Done`. Missing ones are not an error.
     RemoveDirs(StorageDirs),
+    /// What a path in a container is; answered with `PathStat`.
+    StatPath(ContainerPath),
+    /// Write a tar of a path in a container to a download stream, closed after the tar's last
+    /// byte; answered with `PathStat` of the path archived.
+    ReadArchive(ReadArchive),
+    /// Extract a tar from an upload stream into a directory of a container; answered with
+    /// `Done`.
+    WriteArchive(WriteArchive),
 }
 
 /// What the agent answers.
@@ -102,6 +111,8 @@ pub enum Response {
     Stats(ContainerStats),
     /// What a layer unpack produced.
     Unpacked(UnpackedLayer),
+    /// What a path is.
+    PathStat(PathStat),
 }
 
 /// The host's side of the handshake.

@@ -163,6 +163,99 @@ fn docker_exec_interactive_under_a_pty_gets_a_terminal() {
 }
 
 #[test]
+fn docker_cp_both_ways_and_export_carry_files_exactly() {
+    let daemon = daemon_or_skip!();
+    daemon.load_busybox();
+    let host = daemon.dir.path();
+    let source = host.join("tree");
+    std::fs::create_dir_all(source.join("sub")).expect("tree");
+    let big: Vec<u8> = (0..2 * 1024 * 1024u32).map(|i| (i % 253) as u8).collect();
+    std::fs::write(source.join("sub/big.bin"), &big).expect("big");
+    std::fs::write(source.join("note.txt"), b"note\n").expect("note");
+    std::os::unix::fs::symlink("note.txt", source.join("link")).expect("link");
+    std::fs::set_permissions(
+        source.join("note.txt"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o640),
+    )
+    .expect("chmod");
+    let tree = source.to_str().expect("utf-8 path");
+    daemon.docker_ok(&["run", "-d", "--name", "box", "busybox", "sleep", "600"]);
+
+    // Into a running container: a directory under a new name, a file into a directory.
+    daemon.docker_ok(&["cp", tree, "box:/tmp/copied"]);
+    daemon.docker_ok(&["cp", &format!("{tree}/note.txt"), "box:/etc/"]);
+    let inside = daemon.docker_ok(&[
+        "exec", "box", "sh", "-c",
+        "md5sum /tmp/copied/sub/big.bin; stat -c 'mode %a' /tmp/copied/note.txt; readlink /tmp/copied/link; cat /etc/note.txt",
+    ]);
+    // Out again, from the running container and then from the stopped one.
+    let back = host.join("back");
+    daemon.docker_ok(&["cp", "box:/tmp/copied", back.to_str().unwrap()]);
+    daemon.docker_ok(&[
+        "exec",
+        "box",
+        "sh",
+        "-c",
+        "echo written-inside > /root/made-here",
+    ]);
+    daemon.docker_ok(&["stop", "-t", "1", "box"]);
+    let stopped_copy = host.join("made-here");
+    daemon.docker_ok(&["cp", "box:/root/made-here", stopped_copy.to_str().unwrap()]);
+    daemon.docker_ok(&["cp", &format!("{tree}/note.txt"), "box:/root/while-stopped"]);
+    let export = daemon.docker(&["export", "box"]);
+    let missing = daemon.docker(&["cp", "box:/no/such/file", host.join("x").to_str().unwrap()]);
+    daemon.docker_ok(&["start", "box"]);
+    let after_start = daemon.docker_ok(&["exec", "box", "cat", "/root/while-stopped"]);
+
+    let big_md5 = {
+        let output = Command::new("md5sum")
+            .arg(source.join("sub/big.bin"))
+            .output()
+            .expect("md5sum");
+        text(&output.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert!(inside.starts_with(&big_md5), "{inside}");
+    assert!(inside.ends_with("mode 640\nnote.txt\nnote\n"), "{inside}");
+    assert_eq!(
+        std::fs::read(back.join("sub/big.bin")).expect("copied back"),
+        big
+    );
+    assert_eq!(
+        std::fs::read_link(back.join("link")).expect("link copied back"),
+        std::path::Path::new("note.txt")
+    );
+    assert_eq!(
+        std::fs::read_to_string(&stopped_copy).expect("copied from the stopped container"),
+        "written-inside\n"
+    );
+    assert_eq!(after_start, "note\n");
+    assert!(export.status.success(), "{}", text(&export.stderr));
+    let mut names = Vec::new();
+    let mut archive = tar::Archive::new(&export.stdout[..]);
+    for entry in archive.entries().expect("export is a tar") {
+        let entry = entry.expect("export entry");
+        names.push(entry.path().expect("entry path").display().to_string());
+    }
+    assert!(names.iter().any(|n| n == "bin/busybox"), "{names:?}");
+    assert!(names.iter().any(|n| n == "root/made-here"), "{names:?}");
+    assert!(
+        !names.iter().any(|n| n.starts_with("proc/") && n.len() > 5),
+        "{names:?}"
+    );
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(
+        text(&missing.stderr).contains("Could not find the file /no/such/file in container box"),
+        "{}",
+        text(&missing.stderr)
+    );
+    daemon.docker_ok(&["rm", "-f", "box"]);
+}
+
+#[test]
 fn docker_errors_come_back_in_dockers_shape_and_disturb_nothing() {
     let daemon = daemon_or_skip!();
     daemon.load_busybox();

@@ -1,6 +1,6 @@
 //! Response bodies (whole, or streamed from a channel) and request body reading.
 
-use std::convert::Infallible;
+use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -25,28 +25,36 @@ pub enum ApiBody {
     Full(Full<Bytes>),
     /// Chunks as a task produces them; the body ends when the sender is dropped.
     Channel(mpsc::Receiver<Bytes>),
+    /// Chunks that may end in an error, which aborts the response (the client sees the body
+    /// cut short instead of a clean end).
+    Fallible(mpsc::Receiver<io::Result<Bytes>>),
 }
 
 impl Body for ApiBody {
     type Data = Bytes;
-    type Error = Infallible;
+    type Error = io::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         match self.get_mut() {
-            Self::Full(full) => Pin::new(full).poll_frame(cx),
+            Self::Full(full) => Pin::new(full)
+                .poll_frame(cx)
+                .map(|frame| frame.map(|f| Ok(f.unwrap_or_else(|never| match never {})))),
             Self::Channel(receiver) => receiver
                 .poll_recv(cx)
                 .map(|chunk| chunk.map(|c| Ok(Frame::data(c)))),
+            Self::Fallible(receiver) => receiver
+                .poll_recv(cx)
+                .map(|chunk| chunk.map(|c| c.map(Frame::data))),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             Self::Full(full) => full.is_end_stream(),
-            Self::Channel(_) => false,
+            Self::Channel(_) | Self::Fallible(_) => false,
         }
     }
 }
@@ -65,6 +73,18 @@ pub fn json<T: Serialize>(status: StatusCode, value: &T) -> ApiResponse {
             "cannot encode the response: {e}"
         ))),
     }
+}
+
+/// A 200 response streaming chunks that may end in an error.
+pub fn fallible_streaming(
+    content_type: &'static str,
+) -> (ApiResponse, mpsc::Sender<io::Result<Bytes>>) {
+    let (sender, receiver) = mpsc::channel(16);
+    let mut response = Response::new(ApiBody::Fallible(receiver));
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    (response, sender)
 }
 
 /// `status` with no body.

@@ -8,6 +8,7 @@
 
 #![recursion_limit = "256"]
 
+pub mod archive;
 pub mod body;
 pub mod containers;
 pub mod error;

@@ -14,7 +14,9 @@ use hyper::{Method, Request, StatusCode};
 use crate::body::{self, ApiResponse};
 use crate::error::{ApiError, ApiResult};
 use crate::query::Query;
-use crate::{containers, exec, images, system, API_VERSION, ENGINE_VERSION, MIN_API_VERSION};
+use crate::{
+    archive, containers, exec, images, system, API_VERSION, ENGINE_VERSION, MIN_API_VERSION,
+};
 
 /// A parsed `major.minor` API version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -127,6 +129,12 @@ async fn dispatch(
         (&M::GET, ["containers", id, "stats"]) => containers::stats(&engine, id, &query).await,
         (&M::DELETE, ["containers", id]) => containers::remove(&engine, id, &query).await,
         (&M::POST, ["containers", id, "exec"]) => exec::create(&engine, id, request).await,
+        (&M::HEAD, ["containers", id, "archive"]) => archive::stat(&engine, id, &query).await,
+        (&M::GET, ["containers", id, "archive"]) => archive::get(&engine, id, &query).await,
+        (&M::PUT, ["containers", id, "archive"]) => {
+            archive::put(&engine, id, &query, request).await
+        }
+        (&M::GET, ["containers", id, "export"]) => archive::export(&engine, id).await,
 
         (&M::POST, ["exec", id, "start"]) => exec::start(&engine, id, request).await,
         (&M::POST, ["exec", id, "resize"]) => exec::resize(&engine, id, &query).await,

@@ -17,11 +17,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use agent_protocol::{
-    read_frame, stream_socket_path, write_frame, AgentError, ContainerRef, ContainerStats,
-    CreateContainer, ExecProcess, ExecRef, ExitInfo, FrameError, Hello, HelloAck, ProcessRef,
-    ReadyNotice, Request, RequestEnvelope, ResizePty, Response, ResponseEnvelope, SignalProcess,
-    StorageDirs, StreamAccept, StreamHeader, SystemInfo, TopInfo, UnpackLayer, UnpackedLayer,
-    CONTROL_PORT, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, STREAM_PORT,
+    read_frame, stream_socket_path, write_frame, AgentError, ContainerPath, ContainerRef,
+    ContainerStats, CreateContainer, ExecProcess, ExecRef, ExitInfo, FrameError, Hello, HelloAck,
+    PathStat, ProcessRef, ReadArchive, ReadyNotice, Request, RequestEnvelope, ResizePty, Response,
+    ResponseEnvelope, SignalProcess, StorageDirs, StreamAccept, StreamHeader, SystemInfo, TopInfo,
+    UnpackLayer, UnpackedLayer, WriteArchive, CONTROL_PORT, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    STREAM_PORT,
 };
 use thiserror::Error;
 
@@ -406,6 +407,32 @@ impl AgentClient {
         match self.call_unbounded(Request::UnpackLayer(request))? {
             Response::Unpacked(unpacked) => Ok(unpacked),
             _ => Err(AgentClientError::UnexpectedResponse("UnpackLayer")),
+        }
+    }
+
+    /// What a path in a container is.
+    pub fn stat_path(&mut self, target: ContainerPath) -> Result<PathStat, AgentClientError> {
+        match self.call(Request::StatPath(target))? {
+            Response::PathStat(stat) => Ok(stat),
+            _ => Err(AgentClientError::UnexpectedResponse("StatPath")),
+        }
+    }
+
+    /// Has the agent write a tar to the `ArchiveDownload` stream `request.stream_id`, which
+    /// must be read concurrently; waits, without a timeout, until the tar is written.
+    pub fn read_archive(&mut self, request: ReadArchive) -> Result<PathStat, AgentClientError> {
+        match self.call_unbounded(Request::ReadArchive(request))? {
+            Response::PathStat(stat) => Ok(stat),
+            _ => Err(AgentClientError::UnexpectedResponse("ReadArchive")),
+        }
+    }
+
+    /// Has the agent extract the tar written concurrently to the `ArchiveUpload` stream
+    /// `request.stream_id`; waits, without a timeout, until it is extracted.
+    pub fn write_archive(&mut self, request: WriteArchive) -> Result<(), AgentClientError> {
+        match self.call_unbounded(Request::WriteArchive(request))? {
+            Response::Done => Ok(()),
+            _ => Err(AgentClientError::UnexpectedResponse("WriteArchive")),
         }
     }
 

@@ -2,6 +2,7 @@
 //! the client for the guest agent, the image store, and containers and execs run in the VM.
 
 pub mod agent_client;
+pub mod archive;
 pub mod assets;
 pub mod containers;
 pub mod error;

@@ -50,6 +50,8 @@ pub enum EngineError {
     NoSuchContainer(String),
     #[error("No such exec instance: {0}")]
     NoSuchExec(String),
+    #[error("Could not find the file {path} in container {container}")]
+    NoSuchPath { path: String, container: String },
     #[error("Conflict. The container name \"/{name}\" is already in use by container \"{id}\". You have to remove (or rename) that container to be able to reuse that name.")]
     NameInUse { name: String, id: String },
     #[error("Container {0} is not running")]
@@ -80,7 +82,9 @@ impl EngineError {
     /// The class of failure, for the API's status code.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Self::NoSuchContainer(_) | Self::NoSuchExec(_) => ErrorKind::NotFound,
+            Self::NoSuchContainer(_) | Self::NoSuchExec(_) | Self::NoSuchPath { .. } => {
+                ErrorKind::NotFound
+            }
             Self::NameInUse { .. }
             | Self::NotRunning(_)
             | Self::Paused(_)
@@ -526,7 +530,7 @@ impl Engine {
 
     /// Makes sure every layer of `image` is unpacked in the guest; returns the layer
     /// directories top-most first, as overlayfs wants them.
-    async fn ensure_layers(
+    pub(crate) async fn ensure_layers(
         &self,
         session: &Arc<Session>,
         image: &Image,
@@ -1123,7 +1127,7 @@ async fn upload_layer(session: &Arc<Session>, blob: &Path, dir: &Path) -> Result
 }
 
 /// The guest directory holding a container's writable layer.
-fn guest_container_dir(session: &Session, id: &str) -> PathBuf {
+pub(crate) fn guest_container_dir(session: &Session, id: &str) -> PathBuf {
     session.storage_root().join("containers").join(id)
 }
 

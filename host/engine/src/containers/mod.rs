@@ -13,7 +13,7 @@ pub mod spec;
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -144,7 +144,7 @@ pub struct Container {
     /// Where attached clients' input goes.
     pub stdin: StdinChannel,
     /// Serialises start, stop, restart and remove of this container.
-    pub lifecycle: tokio::sync::Mutex<()>,
+    pub lifecycle: Arc<tokio::sync::Mutex<()>>,
     /// Its last exit.
     pub exits: watch::Sender<ExitReport>,
     /// Set once it has been removed.
@@ -169,7 +169,7 @@ impl Container {
             record: Mutex::new(record),
             hub,
             stdin: StdinChannel::new(),
-            lifecycle: tokio::sync::Mutex::new(()),
+            lifecycle: Arc::new(tokio::sync::Mutex::new(())),
             exits: watch::channel(exit).0,
             removed: watch::channel(false).0,
         })
