@@ -176,6 +176,52 @@ pub struct ProcessIo {
     pub pty: Option<Pty>,
 }
 
+/// The caller's ends of a new process's stdio: for a terminal, the socket the pty master
+/// arrives on once the container process has opened it.
+struct PendingIo {
+    io: ProcessIo,
+    console: Option<OwnedFd>,
+}
+
+impl PendingIo {
+    /// Receives the pty master the container process sends once it opened its terminal.
+    fn receive_console(&mut self) -> Result<(), ContainerError> {
+        let Some(console) = self.console.take() else {
+            return Ok(());
+        };
+        let mut byte = [0u8; 1];
+        let mut iov = [std::io::IoSliceMut::new(&mut byte)];
+        let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+        let message = nix::sys::socket::recvmsg::<()>(
+            console.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            nix::sys::socket::MsgFlags::MSG_CMSG_CLOEXEC,
+        )
+        .map_err(|e| ContainerError::Io("receive the pty master", e.into()))?;
+        let mut received = None;
+        for cmsg in message
+            .cmsgs()
+            .map_err(|e| ContainerError::Io("receive the pty master", e.into()))?
+        {
+            if let nix::sys::socket::ControlMessageOwned::ScmRights(fds) = cmsg {
+                for fd in fds {
+                    // SAFETY: the kernel just installed this descriptor for us; we own it.
+                    let owned = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+                    received.get_or_insert(owned);
+                }
+            }
+        }
+        let master = received.ok_or(ContainerError::Protocol(
+            "the container process sent no terminal",
+        ))?;
+        self.io.pty = Some(Pty {
+            master: File::from(master),
+        });
+        Ok(())
+    }
+}
+
 /// The master side of a process's pseudo-terminal.
 #[derive(Debug)]
 pub struct Pty {
@@ -221,11 +267,13 @@ pub struct StdioConfig {
     pub stdin: bool,
 }
 
-/// The child ends, passed to the helper as its stdio.
+/// The child ends, passed to the helper as its stdio (and, for a terminal, the socket the
+/// container process sends the pty master over).
 struct ChildStdio {
     stdin: OwnedFd,
     stdout: OwnedFd,
     stderr: OwnedFd,
+    console: Option<OwnedFd>,
 }
 
 fn pipe() -> Result<(OwnedFd, OwnedFd), ContainerError> {
@@ -233,41 +281,37 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), ContainerError> {
         .map_err(|e| ContainerError::Io("create a pipe", e.into()))
 }
 
-fn dup(fd: &OwnedFd) -> Result<OwnedFd, ContainerError> {
-    fd.try_clone()
-        .map_err(|e| ContainerError::Io("duplicate a descriptor", e))
-}
-
 fn make_stdio(
     process: &Process,
     config: StdioConfig,
-) -> Result<(ProcessIo, ChildStdio), ContainerError> {
+) -> Result<(PendingIo, ChildStdio), ContainerError> {
     if process.terminal().unwrap_or(false) {
-        let size = process.console_size().map(|b| nix::pty::Winsize {
-            ws_row: b.height() as u16,
-            ws_col: b.width() as u16,
-            ws_xpixel: 0,
-            ws_ypixel: 0,
-        });
-        let pty = nix::pty::openpty(size.as_ref(), None)
-            .map_err(|e| ContainerError::Io("open a pty", e.into()))?;
-        for fd in [&pty.master, &pty.slave] {
-            nix::fcntl::fcntl(
-                fd.as_raw_fd(),
-                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-            )
-            .map_err(|e| ContainerError::Io("set close-on-exec", e.into()))?;
-        }
-        let child = ChildStdio {
-            stdin: dup(&pty.slave)?,
-            stdout: dup(&pty.slave)?,
-            stderr: pty.slave,
+        // The terminal comes from inside the container (see `crate::init`); until the
+        // container process makes it its stdio, the helper needs none.
+        let null = || -> Result<OwnedFd, ContainerError> {
+            File::options()
+                .read(true)
+                .write(true)
+                .open("/dev/null")
+                .map(OwnedFd::from)
+                .map_err(|e| ContainerError::Io("open /dev/null", e))
         };
-        let io = ProcessIo {
-            pty: Some(Pty {
-                master: File::from(pty.master),
-            }),
-            ..Default::default()
+        let (caller, child) = nix::sys::socket::socketpair(
+            nix::sys::socket::AddressFamily::Unix,
+            nix::sys::socket::SockType::Stream,
+            None,
+            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(|e| ContainerError::Io("create the console socket", e.into()))?;
+        let io = PendingIo {
+            io: ProcessIo::default(),
+            console: Some(caller),
+        };
+        let child = ChildStdio {
+            stdin: null()?,
+            stdout: null()?,
+            stderr: null()?,
+            console: Some(child),
         };
         return Ok((io, child));
     }
@@ -281,16 +325,20 @@ fn make_stdio(
     let (stdout_r, stdout_w) = pipe()?;
     let (stderr_r, stderr_w) = pipe()?;
     Ok((
-        ProcessIo {
-            stdin,
-            stdout: Some(File::from(stdout_r)),
-            stderr: Some(File::from(stderr_r)),
-            pty: None,
+        PendingIo {
+            io: ProcessIo {
+                stdin,
+                stdout: Some(File::from(stdout_r)),
+                stderr: Some(File::from(stderr_r)),
+                pty: None,
+            },
+            console: None,
         },
         ChildStdio {
             stdin: stdin_child,
             stdout: stdout_w,
             stderr: stderr_w,
+            console: None,
         },
     ))
 }
@@ -317,11 +365,17 @@ impl Helper {
         } else {
             (None, None)
         };
-        let inherit: Vec<i32> = [Some(&config_r), Some(&status_w), start_r.as_ref()]
-            .into_iter()
-            .flatten()
-            .map(|fd| fd.as_raw_fd())
-            .collect();
+        let console = stdio.console;
+        let inherit: Vec<i32> = [
+            Some(&config_r),
+            Some(&status_w),
+            start_r.as_ref(),
+            console.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|fd| fd.as_raw_fd())
+        .collect();
         let mut command = Command::new(binary);
         command
             .env_clear()
@@ -331,6 +385,7 @@ impl Helper {
                     config_r.as_raw_fd(),
                     status_w.as_raw_fd(),
                     start_r.as_ref().map(|fd| fd.as_raw_fd()),
+                    console.as_ref().map(|fd| fd.as_raw_fd()),
                 ),
             )
             .stdin(Stdio::from(stdio.stdin))
@@ -351,7 +406,7 @@ impl Helper {
         let mut child = command
             .spawn()
             .map_err(|e| ContainerError::Io("spawn the container helper", e))?;
-        drop((config_r, status_w, start_r));
+        drop((config_r, status_w, start_r, console));
 
         let mut config = File::from(config_w);
         let written = serde_json::to_writer(&mut config, request)
@@ -455,14 +510,21 @@ impl Container {
         {
             cgroup.apply(resources)?;
         }
-        let (io, child_stdio) = make_stdio(process, stdio)?;
+        let (mut io, child_stdio) = make_stdio(process, stdio)?;
         let request = InitRequest::Create {
             config: Box::new(config.clone()),
             cgroup: cgroup.path().to_path_buf(),
         };
         let (mut helper, pid) = Helper::spawn(&config.init_binary, &request, child_stdio, true)?;
         let init = ContainerProcess::new(pid);
-        match helper.next_message() {
+        // The terminal is sent before `Ready`.
+        let ready = match helper.next_message() {
+            Ok(Some(InitMessage::Ready)) => {
+                io.receive_console().map(|()| Ok(Some(InitMessage::Ready)))
+            }
+            other => Ok(other),
+        };
+        match ready.and_then(|r| r) {
             Ok(Some(InitMessage::Ready)) => {}
             other => {
                 let _ = init.signal(Signal::SIGKILL);
@@ -483,7 +545,7 @@ impl Container {
             init_binary: config.init_binary.clone(),
             start: Mutex::new(Some(StartHandle(helper))),
         };
-        Ok((container, io))
+        Ok((container, io.io))
     }
 
     /// The container id.
@@ -531,7 +593,7 @@ impl Container {
         if self.init.exited().is_some() {
             return Err(ContainerError::State("stopped"));
         }
-        let (io, child_stdio) = make_stdio(process, stdio)?;
+        let (mut io, child_stdio) = make_stdio(process, stdio)?;
         let request = InitRequest::Exec {
             init_pid: self.init.pid(),
             cgroup: self.cgroup.path().to_path_buf(),
@@ -541,11 +603,15 @@ impl Container {
         };
         let (mut helper, pid) = Helper::spawn(&self.init_binary, &request, child_stdio, false)?;
         let exec = ContainerProcess::new(pid);
+        // A process that dies before sending its terminal closes the socket; its error is
+        // then on the status pipe.
+        let console = io.receive_console();
         if let Err(e) = helper.expect_exec() {
             let _ = exec.wait();
             return Err(e);
         }
-        Ok((exec, io))
+        console?;
+        Ok((exec, io.io))
     }
 
     /// Sends `signal` to the init process.

@@ -15,6 +15,12 @@
 //!    means the caller gave up;
 //! 4. it then executes the user process; the status pipe is close-on-exec, so EOF on it means
 //!    `execve` succeeded, and [`InitMessage::Error`] means a step failed.
+//!
+//! A process with a terminal gets it from inside the container, as runc's console socket
+//! does: once in the container's mount namespace (for a create, after the root is built), the
+//! container process opens the container's own `/dev/ptmx`, makes the slave its stdio and sends
+//! the master back over a fourth descriptor, a unix socket, with `SCM_RIGHTS`. The terminal is
+//! then a `/dev/pts/N` of the container's devpts, so `tty` and `ttyname` work inside.
 
 use std::ffi::OsStr;
 use std::fs::File;
@@ -60,6 +66,9 @@ pub enum InitError {
     /// A sysctl could not be set.
     #[error("cannot set sysctl {0}")]
     Sysctl(String, #[source] std::io::Error),
+    /// The terminal could not be set up.
+    #[error("cannot {0}")]
+    Console(&'static str, #[source] nix::Error),
     /// The loopback interface could not be brought up.
     #[error("cannot bring up the loopback interface")]
     Loopback(#[source] std::io::Error),
@@ -119,14 +128,24 @@ pub fn run_init_if_requested() {
 }
 
 /// Formats the descriptor list for [`INIT_ENV`].
-pub(crate) fn format_fds(config: RawFd, status: RawFd, start: Option<RawFd>) -> String {
-    format!("{config},{status},{}", start.unwrap_or(-1))
+pub(crate) fn format_fds(
+    config: RawFd,
+    status: RawFd,
+    start: Option<RawFd>,
+    console: Option<RawFd>,
+) -> String {
+    format!(
+        "{config},{status},{},{}",
+        start.unwrap_or(-1),
+        console.unwrap_or(-1)
+    )
 }
 
 struct HelperFds {
     config: OwnedFd,
     status: OwnedFd,
     start: Option<OwnedFd>,
+    console: Option<OwnedFd>,
 }
 
 fn parse_fds(value: &OsStr) -> Option<HelperFds> {
@@ -135,7 +154,7 @@ fn parse_fds(value: &OsStr) -> Option<HelperFds> {
         .split(',')
         .map(|n| n.parse().ok())
         .collect::<Option<_>>()?;
-    let [config, status, start] = numbers.as_slice() else {
+    let [config, status, start, console] = numbers.as_slice() else {
         return None;
     };
     if *config < 3 || *status < 3 {
@@ -156,6 +175,7 @@ fn parse_fds(value: &OsStr) -> Option<HelperFds> {
         config: take(*config),
         status: take(*status),
         start: (*start >= 3).then(|| take(*start)),
+        console: (*console >= 3).then(|| take(*console)),
     })
 }
 
@@ -165,7 +185,7 @@ fn helper_main(fds: HelperFds) -> i32 {
         .map_err(InitError::Request);
     let result = request.and_then(|request| match request {
         InitRequest::Create { config, cgroup } => {
-            create_stage(&config, &cgroup, &mut status, fds.start)
+            create_stage(&config, &cgroup, &mut status, fds.start, fds.console)
         }
         InitRequest::Exec {
             init_pid,
@@ -180,6 +200,7 @@ fn helper_main(fds: HelperFds) -> i32 {
             &process,
             seccomp,
             &mut status,
+            fds.console,
         ),
     });
     match result {
@@ -275,6 +296,7 @@ fn create_stage(
     cgroup: &Path,
     status: &mut File,
     start: Option<OwnedFd>,
+    console: Option<OwnedFd>,
 ) -> Result<(), InitError> {
     join_cgroup(cgroup)?;
     let mut new = CloneFlags::empty();
@@ -291,7 +313,7 @@ fn create_stage(
     }
     nix::sched::unshare(new).map_err(|e| InitError::Namespace("unshare namespaces".into(), e))?;
     if clone_after_pid_report(status)? {
-        let code = container_init(config, new, status, start);
+        let code = container_init(config, new, status, start, console);
         std::process::exit(code);
     }
     Ok(())
@@ -323,8 +345,13 @@ fn container_init(
     new: CloneFlags,
     status: &mut File,
     start: Option<OwnedFd>,
+    console: Option<OwnedFd>,
 ) -> i32 {
-    if let Err(e) = setup_container(config, new) {
+    let set_up = setup_container(config, new).and_then(|()| match console {
+        Some(console) => open_console(console, config.spec.process().as_ref()),
+        None => Ok(()),
+    });
+    if let Err(e) = set_up {
         send(status, &InitMessage::Error(error_chain(&e)));
         return 1;
     }
@@ -429,6 +456,7 @@ fn exec_stage(
     process: &Process,
     seccomp: SeccompProfile,
     status: &mut File,
+    console: Option<OwnedFd>,
 ) -> Result<(), InitError> {
     join_cgroup(cgroup)?;
     // Open every namespace before joining any: after the mount namespace, /proc is the
@@ -456,18 +484,70 @@ fn exec_stage(
     }
     drop(fds);
     if clone_after_pid_report(status)? {
-        let code = match finish_and_exec(process, seccomp) {
+        let opened = match console {
+            Some(console) => open_console(console, Some(process)),
+            None => Ok(()),
+        };
+        let code = match opened.map_err(|e| error_chain(&e)).and_then(|()| {
+            finish_and_exec(process, seccomp).map_err(|e| error_chain(&InitError::from(e)))
+        }) {
             Ok(never) => match never {},
-            Err(e) => {
-                send(
-                    status,
-                    &InitMessage::Error(error_chain(&InitError::from(e))),
-                );
+            Err(chain) => {
+                send(status, &InitMessage::Error(chain));
                 1
             }
         };
         std::process::exit(code);
     }
+    Ok(())
+}
+
+/// Opens a terminal in the current mount namespace's `/dev/ptmx` (the container's), makes its
+/// slave the stdio of this process, sizes it from `process`, and sends the master over
+/// `console`.
+fn open_console(console: OwnedFd, process: Option<&Process>) -> Result<(), InitError> {
+    use nix::fcntl::OFlag;
+    let step = |what: &'static str| move |e| InitError::Console(what, e);
+    let master = nix::pty::posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)
+        .map_err(step("open /dev/ptmx"))?;
+    nix::pty::grantpt(&master).map_err(step("grant the pty"))?;
+    nix::pty::unlockpt(&master).map_err(step("unlock the pty"))?;
+    let name = nix::pty::ptsname_r(&master).map_err(step("name the pty"))?;
+    if let Some(size) = process.and_then(|p| p.console_size()) {
+        let size = libc::winsize {
+            ws_row: u16::try_from(size.height()).unwrap_or(u16::MAX),
+            ws_col: u16::try_from(size.width()).unwrap_or(u16::MAX),
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCSWINSZ reads a valid winsize from the pointer during the call.
+        if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &size) } != 0 {
+            return Err(InitError::Console("size the pty", nix::Error::last()));
+        }
+    }
+    let slave = nix::fcntl::open(
+        name.as_str(),
+        OFlag::O_RDWR | OFlag::O_NOCTTY,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(step("open the pty slave"))?;
+    for target in 0..3 {
+        nix::unistd::dup2(slave, target).map_err(step("make the pty the stdio"))?;
+    }
+    if slave > 2 {
+        let _ = nix::unistd::close(slave);
+    }
+    let fds = [master.as_raw_fd()];
+    let rights = [nix::sys::socket::ControlMessage::ScmRights(&fds)];
+    let byte = [std::io::IoSlice::new(b"t")];
+    nix::sys::socket::sendmsg::<()>(
+        console.as_raw_fd(),
+        &byte,
+        &rights,
+        nix::sys::socket::MsgFlags::empty(),
+        None,
+    )
+    .map_err(step("send the pty master"))?;
     Ok(())
 }
 
@@ -477,7 +557,8 @@ mod tests {
 
     #[test]
     fn format_fds_absent_start_is_minus_one() {
-        assert_eq!(format_fds(5, 6, None), "5,6,-1");
+        assert_eq!(format_fds(5, 6, None, None), "5,6,-1,-1");
+        assert_eq!(format_fds(5, 6, Some(7), Some(8)), "5,6,7,8");
     }
 
     #[test]

@@ -408,6 +408,25 @@ fn container_tty_sees_console_size() {
 }
 
 #[test]
+fn container_tty_is_a_terminal_of_the_containers_own_devpts() {
+    if !can_run("container_tty_is_a_terminal_of_the_containers_own_devpts") {
+        return;
+    }
+    let mut fixture = Fixture::new("ttyname", &["sh", "-c", "tty; ls /dev/pts"]);
+    fixture.process_mut().set_terminal(Some(true));
+
+    let output = run(&fixture);
+
+    let text = stdout_text(&output);
+    let mut lines = text.lines().map(str::trim);
+    assert_eq!(lines.next(), Some("/dev/pts/0"), "{text}");
+    assert!(
+        lines.any(|l| l.split_whitespace().any(|w| w == "0")),
+        "{text}"
+    );
+}
+
+#[test]
 fn container_tty_resize_seen_by_process() {
     if !can_run("container_tty_resize_seen_by_process") {
         return;

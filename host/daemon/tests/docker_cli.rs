@@ -145,7 +145,7 @@ fn docker_exec_interactive_under_a_pty_gets_a_terminal() {
     daemon.docker_ok(&["run", "-d", "--name", "box", "busybox", "sleep", "600"]);
     // `stty -a` reads the terminal's settings: it fails on anything but a terminal.
     let command = format!(
-        "DOCKER_HOST={} {} exec -it box sh -c 'stty -a >/dev/null && echo on-a-terminal; echo exec-done'",
+        "DOCKER_HOST={} {} exec -it box sh -c 'stty -a >/dev/null && echo on-a-terminal; tty; echo exec-done'",
         daemon.docker_host(),
         berth_tests::daemon::DOCKER
     );
@@ -159,6 +159,8 @@ fn docker_exec_interactive_under_a_pty_gets_a_terminal() {
     let shown = text(&output.stdout);
     // A terminal turns "\n" into "\r\n": the output went through the container's pty.
     assert!(shown.contains("exec-done\r\n"), "{shown:?}");
+    // The terminal is the container's own: `tty` names it inside.
+    assert!(shown.contains("/dev/pts/0\r\n"), "{shown:?}");
     daemon.docker_ok(&["rm", "-f", "box"]);
 }
 
