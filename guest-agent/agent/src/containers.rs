@@ -27,9 +27,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use agent_protocol::{
-    ContainerConfig as WireConfig, ContainerPath, ContainerStats, CreateContainer, ExecProcess,
-    ExitInfo, PathStat, ReadArchive, StreamHeader, StreamKind, TopInfo, TopProcess, UnpackLayer,
-    UnpackedLayer, WriteArchive,
+    ContainerConfig as WireConfig, ContainerPath, ContainerStats, CreateContainer, DiffLayer,
+    ExecProcess, ExitInfo, PathStat, ReadArchive, StreamHeader, StreamKind, TopInfo, TopProcess,
+    UnpackLayer, UnpackedLayer, WriteArchive,
 };
 use berth_container::archive::{self, ArchiveError, ExtractOptions, PathInfo, Root};
 use berth_container::cgroup::{CgroupConfig, CgroupStats};
@@ -737,6 +737,17 @@ impl Containers {
             };
             archive::extract_archive(path, input, options)
         })?)
+    }
+
+    /// Writes a writable layer as an image layer to the download stream the request names,
+    /// then closes it.
+    pub fn do_diff_layer(&self, request: &DiffLayer) -> Result<(), ContainersError> {
+        self.check_storage_path(&request.upper_dir)?;
+        let stream = self.take_transfer(&request.stream_id)?;
+        let out = io::BufWriter::with_capacity(TRANSFER_BUFFER, &stream);
+        archive::write_layer_diff(&request.upper_dir, out)?;
+        let _ = nix::sys::socket::shutdown(stream.as_raw_fd(), nix::sys::socket::Shutdown::Write);
+        Ok(())
     }
 
     /// Where a path request looks: the running init's root, else the stopped root's overlay

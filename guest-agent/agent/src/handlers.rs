@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use agent_protocol::{
     negotiate_version, AgentError, AgentErrorKind, ContainerPath, ContainerRef, CreateContainer,
-    ExecProcess, ExecRef, Hello, HelloAck, ProcessRef, ReadArchive, ResizePty, Response,
+    DiffLayer, ExecProcess, ExecRef, Hello, HelloAck, ProcessRef, ReadArchive, ResizePty, Response,
     SignalProcess, StorageDirs, UnpackLayer, WriteArchive, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use berth_container::archive::ArchiveError;
@@ -358,6 +358,16 @@ pub fn write_archive(
         .containers
         .do_write_archive(request)
         .map(|_| Response::Done)
+        .map_err(|e| container_error(&e))
+}
+
+/// `DiffLayer`.
+pub fn diff_layer(context: &AgentContext, request: &DiffLayer) -> Result<Response, AgentError> {
+    require("the stream id", &request.stream_id)?;
+    context
+        .containers
+        .do_diff_layer(request)
+        .map(|()| Response::Done)
         .map_err(|e| container_error(&e))
 }
 

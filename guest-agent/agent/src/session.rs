@@ -269,6 +269,11 @@ impl Session<'_> {
                 handlers::write_archive(self.context, &body),
                 Then::Continue,
             ),
+            (Some(_), Request::DiffLayer(body)) => Step::answer(
+                id,
+                handlers::diff_layer(self.context, &body),
+                Then::Continue,
+            ),
             (Some(_), Request::Shutdown) => {
                 let result = handlers::shutdown();
                 let then = if result.is_ok() {
@@ -365,6 +370,7 @@ fn request_name(request: &Request) -> &'static str {
         Request::StatPath(_) => "StatPath",
         Request::ReadArchive(_) => "ReadArchive",
         Request::WriteArchive(_) => "WriteArchive",
+        Request::DiffLayer(_) => "DiffLayer",
     }
 }
 

@@ -283,6 +283,18 @@ pub fn export_root(out: impl Write) -> Result<(), ArchiveError> {
     writer.finish()
 }
 
+/// Writes the directory `upper`, an overlay's upper layer, as an OCI image layer to `out`:
+/// entries named relative to it, overlay whiteouts (character devices 0:0) as `.wh.<name>`
+/// files and opaque directories (`trusted.overlay.opaque=y`) with a `.wh..wh..opq` marker, as
+/// the image spec's changeset format wants. Nothing below `upper` is followed out of it: only
+/// real directories are descended into.
+pub fn write_layer_diff(upper: &Path, out: impl Write) -> Result<(), ArchiveError> {
+    let mut writer = TarWriter::new(out, None);
+    writer.layer_diff = true;
+    writer.walk_children(upper, &[])?;
+    writer.finish()
+}
+
 /// How [`extract_archive`] treats what it writes.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ExtractOptions {
@@ -368,6 +380,8 @@ struct TarWriter<W: Write> {
     /// For an export, the root's device: directories on another one are mount points whose
     /// contents stay out.
     root_dev: Option<u64>,
+    /// Writing an overlay upper as an image layer: whiteouts and opaque markers converted.
+    layer_diff: bool,
 }
 
 impl<W: Write> TarWriter<W> {
@@ -376,6 +390,7 @@ impl<W: Write> TarWriter<W> {
             out,
             links: HashMap::new(),
             root_dev,
+            layer_diff: false,
         }
     }
 
@@ -420,11 +435,26 @@ impl<W: Write> TarWriter<W> {
         header.set_mode(meta.mode() & 0o7777);
         header.set_size(0);
         let mut name = name.to_vec();
+        if self.layer_diff && file_type.is_char_device() && meta.rdev() == 0 {
+            let whiteout = whiteout_name(&name, None);
+            header.set_entry_type(EntryType::Regular);
+            self.write_entry(&mut header, &whiteout, None, io::empty())?;
+            return Ok(false);
+        }
         if file_type.is_dir() {
             if !name.ends_with(b"/") {
                 name.push(b'/');
             }
             self.write_entry(&mut header, &name, None, io::empty())?;
+            if self.layer_diff && is_opaque(path) {
+                let marker = whiteout_name(&name, Some(OPAQUE_MARKER));
+                let mut header = Header::new_gnu();
+                header.set_metadata_in_mode(meta, HeaderMode::Complete);
+                header.set_entry_type(EntryType::Regular);
+                header.set_mode(0o644);
+                header.set_size(0);
+                self.write_entry(&mut header, &marker, None, io::empty())?;
+            }
             let mounted_elsewhere = self.root_dev.is_some_and(|dev| dev != meta.dev());
             return Ok(!mounted_elsewhere);
         }
@@ -544,6 +574,36 @@ fn children(dir: &Path, prefix: &[u8]) -> Result<Vec<(PathBuf, Vec<u8>)>, Archiv
             (entry.path(), name)
         })
         .collect())
+}
+
+/// The image-layer marker of an opaque directory.
+const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
+
+/// `dir/.wh.name` for the entry `dir/name`, or `dir/<marker>` inside the directory `dir/`.
+fn whiteout_name(name: &[u8], marker: Option<&[u8]>) -> Vec<u8> {
+    if let Some(marker) = marker {
+        return [name, marker].concat();
+    }
+    let split = name.iter().rposition(|&b| b == b'/').map_or(0, |i| i + 1);
+    [&name[..split], b".wh.", &name[split..]].concat()
+}
+
+/// Whether overlayfs marked the directory `path` opaque (it hides the lower layers' entries).
+fn is_opaque(path: &Path) -> bool {
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    let mut value = [0u8; 2];
+    // SAFETY: both strings are NUL-terminated and `value` is writable for its length.
+    let n = unsafe {
+        libc::lgetxattr(
+            c_path.as_ptr(),
+            c"trusted.overlay.opaque".as_ptr(),
+            value.as_mut_ptr().cast(),
+            value.len(),
+        )
+    };
+    n == 1 && value[0] == b'y'
 }
 
 fn child_name(prefix: &[u8], name: &[u8]) -> Vec<u8> {
@@ -713,6 +773,16 @@ mod tests {
         assert!(found
             .iter()
             .any(|(p, _, l, _)| p == "d/l" && *l == "t".repeat(120)));
+    }
+
+    #[test]
+    fn whiteout_names_follow_the_image_spec() {
+        assert_eq!(whiteout_name(b"etc/passwd", None), b"etc/.wh.passwd");
+        assert_eq!(whiteout_name(b"top", None), b".wh.top");
+        assert_eq!(
+            whiteout_name(b"var/cache/", Some(OPAQUE_MARKER)),
+            b"var/cache/.wh..wh..opq"
+        );
     }
 
     #[test]

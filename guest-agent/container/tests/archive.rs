@@ -181,3 +181,53 @@ fn export_leaves_out_filesystems_mounted_below_the_root() {
         .next()
         .is_none());
 }
+
+#[test]
+fn layer_diff_of_an_upper_has_whiteouts_and_opaque_markers() {
+    if !need_overlay("layer_diff_of_an_upper_has_whiteouts_and_opaque_markers") {
+        return;
+    }
+    let layers = layers();
+    std::fs::create_dir_all(layers.lower.join("cache")).expect("cache dir");
+    std::fs::write(layers.lower.join("cache/old"), b"old").expect("old file");
+    let root = Root::Overlay {
+        rootfs: &layers.rootfs,
+        overlay: &layers.overlay,
+    };
+    in_root(root, || {
+        let step = |e| berth_container::archive::ArchiveError::Io {
+            op: "change",
+            path: "the overlay".into(),
+            source: e,
+        };
+        std::fs::remove_file("/etc/hostname").map_err(step)?;
+        std::fs::remove_dir_all("/cache").map_err(step)?;
+        std::fs::create_dir("/cache").map_err(step)?;
+        std::fs::write("/cache/new", b"new").map_err(step)?;
+        Ok(())
+    })
+    .expect("change the overlay");
+    let mut out = Vec::new();
+
+    berth_container::archive::write_layer_diff(&layers.upper, &mut out).expect("diff");
+
+    let mut archive = tar::Archive::new(&out[..]);
+    let names: Vec<String> = archive
+        .entries()
+        .expect("a tar")
+        .map(|e| {
+            e.expect("entry")
+                .path()
+                .expect("path")
+                .display()
+                .to_string()
+        })
+        .collect();
+    assert!(names.contains(&"etc/.wh.hostname".to_string()), "{names:?}");
+    assert!(
+        names.contains(&"cache/.wh..wh..opq".to_string()),
+        "{names:?}"
+    );
+    assert!(names.contains(&"cache/new".to_string()), "{names:?}");
+    assert!(!names.iter().any(|n| n.ends_with("old")), "{names:?}");
+}

@@ -83,6 +83,16 @@ pub struct WriteArchive {
     pub owner: Option<String>,
 }
 
+/// Body of [`crate::Request::DiffLayer`]: write a container's writable layer as an image
+/// layer (changeset with whiteouts) to a download stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiffLayer {
+    /// The overlay upper directory, below the agent's storage root.
+    pub upper_dir: PathBuf,
+    /// The name the host opened the [`crate::StreamKind::ArchiveDownload`] stream under.
+    pub stream_id: String,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::archive::{ContainerPath, PathStat, ReadArchive, WriteArchive};
+use crate::archive::{ContainerPath, DiffLayer, PathStat, ReadArchive, WriteArchive};
 use crate::container::{
     ContainerRef, ContainerStats, CreateContainer, ExecProcess, ExecRef, ExitInfo, ProcessRef,
     ResizePty, SignalProcess, StorageDirs, TopInfo, UnpackLayer, UnpackedLayer,
@@ -89,6 +89,9 @@ pub enum Request {
     /// Extract a tar from an upload stream into a directory of a container; answered with
     /// `Done`.
     WriteArchive(WriteArchive),
+    /// Write a container's writable layer as an image layer to a download stream, closed
+    /// after the tar's last byte; answered with `Done`.
+    DiffLayer(DiffLayer),
 }
 
 /// What the agent answers.

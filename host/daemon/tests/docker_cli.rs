@@ -258,6 +258,82 @@ fn docker_cp_both_ways_and_export_carry_files_exactly() {
 }
 
 #[test]
+fn docker_commit_makes_an_image_of_the_containers_changes() {
+    let daemon = daemon_or_skip!();
+    daemon.load_busybox();
+    daemon.docker_ok(&[
+        "run",
+        "--name",
+        "changed",
+        "busybox",
+        "sh",
+        "-c",
+        "echo made > /made; rm /bin/vi; mkdir -p /var/x; echo deep > /var/x/f",
+    ]);
+    daemon.docker_ok(&[
+        "run",
+        "-d",
+        "--name",
+        "live",
+        "busybox",
+        "sh",
+        "-c",
+        "echo live > /live; exec sleep 600",
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline
+        && daemon
+            .docker(&["exec", "live", "test", "-f", "/live"])
+            .status
+            .code()
+            != Some(0)
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let id = daemon.docker_ok(&["commit", "-m", "my change", "changed", "committed:v1"]);
+    let from_stopped = daemon.docker(&[
+        "run",
+        "--rm",
+        "committed:v1",
+        "sh",
+        "-c",
+        "cat /made /var/x/f; test -e /bin/vi || echo vi-gone",
+    ]);
+    daemon.docker_ok(&["commit", "live", "live:1"]);
+    let from_running = daemon.docker_ok(&["run", "--rm", "live:1", "cat", "/live"]);
+    let still_running = daemon.docker_ok(&["ps", "--format", "{{.Names}} {{.State}}"]);
+    let history = daemon.docker_ok(&["history", "--format", "{{.Comment}}", "committed:v1"]);
+    let layers = daemon.docker_ok(&[
+        "image",
+        "inspect",
+        "--format",
+        "{{len .RootFS.Layers}}",
+        "committed:v1",
+    ]);
+    let missing = daemon.docker(&["commit", "no-such-container", "x"]);
+
+    assert!(id.starts_with("sha256:"), "{id}");
+    assert_eq!(
+        text(&from_stopped.stdout),
+        "made\ndeep\nvi-gone\n",
+        "{}",
+        text(&from_stopped.stderr)
+    );
+    assert_eq!(from_running, "live\n");
+    assert!(still_running.contains("live running"), "{still_running}");
+    assert!(history.starts_with("my change\n"), "{history}");
+    assert_eq!(layers.trim(), "2");
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(
+        text(&missing.stderr).contains("No such container: no-such-container"),
+        "{}",
+        text(&missing.stderr)
+    );
+    daemon.docker_ok(&["rm", "-f", "live", "changed"]);
+}
+
+#[test]
 fn docker_errors_come_back_in_dockers_shape_and_disturb_nothing() {
     let daemon = daemon_or_skip!();
     daemon.load_busybox();

@@ -15,7 +15,7 @@ use crate::body::{self, ApiResponse};
 use crate::error::{ApiError, ApiResult};
 use crate::query::Query;
 use crate::{
-    archive, containers, exec, images, system, API_VERSION, ENGINE_VERSION, MIN_API_VERSION,
+    archive, commit, containers, exec, images, system, API_VERSION, ENGINE_VERSION, MIN_API_VERSION,
 };
 
 /// A parsed `major.minor` API version.
@@ -140,6 +140,7 @@ async fn dispatch(
         (&M::POST, ["exec", id, "resize"]) => exec::resize(&engine, id, &query).await,
         (&M::GET, ["exec", id, "json"]) => exec::inspect(&engine, id),
 
+        (&M::POST, ["commit"]) => commit::commit(&engine, &query).await,
         (&M::GET, ["images", "json"]) => images::list(&engine, &query).await,
         (&M::POST, ["images", "load"]) => images::load(&engine, request).await,
         (&M::POST, ["images", "create"]) => images::create(&engine, &query, request).await,

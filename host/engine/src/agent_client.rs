@@ -18,11 +18,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use agent_protocol::{
     read_frame, stream_socket_path, write_frame, AgentError, ContainerPath, ContainerRef,
-    ContainerStats, CreateContainer, ExecProcess, ExecRef, ExitInfo, FrameError, Hello, HelloAck,
-    PathStat, ProcessRef, ReadArchive, ReadyNotice, Request, RequestEnvelope, ResizePty, Response,
-    ResponseEnvelope, SignalProcess, StorageDirs, StreamAccept, StreamHeader, SystemInfo, TopInfo,
-    UnpackLayer, UnpackedLayer, WriteArchive, CONTROL_PORT, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
-    STREAM_PORT,
+    ContainerStats, CreateContainer, DiffLayer, ExecProcess, ExecRef, ExitInfo, FrameError, Hello,
+    HelloAck, PathStat, ProcessRef, ReadArchive, ReadyNotice, Request, RequestEnvelope, ResizePty,
+    Response, ResponseEnvelope, SignalProcess, StorageDirs, StreamAccept, StreamHeader, SystemInfo,
+    TopInfo, UnpackLayer, UnpackedLayer, WriteArchive, CONTROL_PORT, MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION, STREAM_PORT,
 };
 use thiserror::Error;
 
@@ -433,6 +433,15 @@ impl AgentClient {
         match self.call_unbounded(Request::WriteArchive(request))? {
             Response::Done => Ok(()),
             _ => Err(AgentClientError::UnexpectedResponse("WriteArchive")),
+        }
+    }
+
+    /// Has the agent write a writable layer as an image layer to the `ArchiveDownload` stream
+    /// `request.stream_id`, which must be read concurrently; waits, without a timeout.
+    pub fn diff_layer(&mut self, request: DiffLayer) -> Result<(), AgentClientError> {
+        match self.call_unbounded(Request::DiffLayer(request))? {
+            Response::Done => Ok(()),
+            _ => Err(AgentClientError::UnexpectedResponse("DiffLayer")),
         }
     }
 

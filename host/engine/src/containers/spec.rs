@@ -242,6 +242,65 @@ pub fn environment(spec: &ContainerSpec, image: &ImageConfig, hostname: &str) ->
     merged
 }
 
+/// The run configuration `docker commit` records: the image's, with the container's
+/// overrides applied by the same rules a run uses (entrypoint, command, environment by name,
+/// working dir, user), its labels, exposed ports and volumes added.
+pub fn committed_config(spec: &ContainerSpec, image: &ImageConfig) -> ImageConfig {
+    let mut config = image.clone();
+    match &spec.entrypoint {
+        Some(entrypoint) => {
+            config.set_entrypoint(Some(entrypoint.clone()).filter(|e| !e.is_empty()));
+            config.set_cmd(Some(spec.cmd.clone()).filter(|c| !c.is_empty()));
+        }
+        None if !spec.cmd.is_empty() => {
+            config.set_cmd(Some(spec.cmd.clone()));
+        }
+        None => {}
+    }
+    let mut env: Vec<String> = image.env().clone().unwrap_or_default();
+    for entry in &spec.env {
+        let key = entry.split('=').next().unwrap_or(entry);
+        match env.iter_mut().find(|e| e.split('=').next() == Some(key)) {
+            Some(existing) => existing.clone_from(entry),
+            None => env.push(entry.clone()),
+        }
+    }
+    config.set_env(Some(env).filter(|e| !e.is_empty()));
+    if !spec.working_dir.is_empty() {
+        config.set_working_dir(Some(spec.working_dir.clone()));
+    }
+    if !spec.user.is_empty() {
+        config.set_user(Some(spec.user.clone()));
+    }
+    if !spec.labels.is_empty() {
+        let mut labels = image.labels().clone().unwrap_or_default();
+        labels.extend(spec.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+        config.set_labels(Some(labels));
+    }
+    if !spec.exposed_ports.is_empty() {
+        let mut ports = image.exposed_ports().clone().unwrap_or_default();
+        for port in &spec.exposed_ports {
+            if !ports.contains(port) {
+                ports.push(port.clone());
+            }
+        }
+        config.set_exposed_ports(Some(ports));
+    }
+    if !spec.volumes.is_empty() {
+        let mut volumes = image.volumes().clone().unwrap_or_default();
+        for volume in &spec.volumes {
+            if !volumes.contains(volume) {
+                volumes.push(volume.clone());
+            }
+        }
+        config.set_volumes(Some(volumes));
+    }
+    if !spec.stop_signal.is_empty() {
+        config.set_stop_signal(Some(spec.stop_signal.clone()));
+    }
+    config
+}
+
 /// The hostname a container gets.
 pub fn hostname(spec: &ContainerSpec, id: &str) -> String {
     if spec.hostname.is_empty() {
@@ -402,6 +461,28 @@ mod tests {
             cmd: cmd.iter().map(|s| s.to_string()).collect(),
             ..ContainerSpec::default()
         }
+    }
+
+    #[test]
+    fn committed_config_applies_the_containers_overrides_to_the_images() {
+        let mut container = spec(Some(&["sh"]), &["-c", "run"]);
+        container.env = vec!["A=2".into(), "B=1".into()];
+        container.working_dir = "/app".into();
+        let mut base = image(Some(&["/init"]), Some(&["serve"]));
+        base.set_env(Some(vec!["A=1".into(), "PATH=/bin".into()]));
+
+        let config = committed_config(&container, &base);
+
+        assert_eq!(config.entrypoint().as_deref(), Some(&["sh".to_owned()][..]));
+        assert_eq!(
+            config.cmd().as_deref(),
+            Some(&["-c".to_owned(), "run".to_owned()][..])
+        );
+        assert_eq!(
+            config.env().as_deref(),
+            Some(&["A=2".to_owned(), "PATH=/bin".to_owned(), "B=1".to_owned()][..])
+        );
+        assert_eq!(config.working_dir().as_deref(), Some("/app"));
     }
 
     #[test]

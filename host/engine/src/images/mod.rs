@@ -11,6 +11,7 @@
 
 mod archive;
 mod blobs;
+mod derive;
 pub mod digest;
 mod import;
 pub mod media;
@@ -22,6 +23,7 @@ mod test_utils;
 
 use std::io;
 
+pub use derive::Derivation;
 pub use digest::{chain_ids, short_id, Digest, DigestError};
 pub use media::Compression;
 pub use reference::{parse_any, ImageRef, Reference, ReferenceError};
