@@ -4,6 +4,7 @@
 pub mod agent_client;
 pub mod archive;
 pub mod assets;
+pub mod build;
 pub mod commit;
 pub mod containers;
 pub mod error;
