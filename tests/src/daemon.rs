@@ -132,6 +132,8 @@ impl TestDaemon {
             .args(args)
             .env("DOCKER_HOST", self.docker_host())
             .env("DOCKER_CONFIG", self.dir.path().join("docker-config"))
+            // The classic builder: this CLI has no buildx plugin.
+            .env("DOCKER_BUILDKIT", "0")
             .stdin(stdin);
         command.output().expect("the docker CLI runs")
     }

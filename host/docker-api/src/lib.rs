@@ -10,6 +10,7 @@
 
 pub mod archive;
 pub mod body;
+pub mod build;
 pub mod commit;
 pub mod containers;
 pub mod error;

@@ -15,7 +15,8 @@ use crate::body::{self, ApiResponse};
 use crate::error::{ApiError, ApiResult};
 use crate::query::Query;
 use crate::{
-    archive, commit, containers, exec, images, system, API_VERSION, ENGINE_VERSION, MIN_API_VERSION,
+    archive, build, commit, containers, exec, images, system, API_VERSION, ENGINE_VERSION,
+    MIN_API_VERSION,
 };
 
 /// A parsed `major.minor` API version.
@@ -140,6 +141,7 @@ async fn dispatch(
         (&M::POST, ["exec", id, "resize"]) => exec::resize(&engine, id, &query).await,
         (&M::GET, ["exec", id, "json"]) => exec::inspect(&engine, id),
 
+        (&M::POST, ["build"]) => build::build(&engine, &query, request).await,
         (&M::POST, ["commit"]) => commit::commit(&engine, &query).await,
         (&M::GET, ["images", "json"]) => images::list(&engine, &query).await,
         (&M::POST, ["images", "load"]) => images::load(&engine, request).await,

@@ -6,4 +6,5 @@
 //! yes/no answers back. Both inputs come from the user, so every function returns an error
 //! instead of panicking, whatever the input.
 
+pub mod builder;
 pub mod dockerfile;
