@@ -50,7 +50,7 @@ impl Engine {
         let image = blocking_image(move || store.resolve(&image_id)).await?;
         let image_config = image.config.config().clone().unwrap_or_default();
         let mut config = committed_config(&record.spec, &image_config);
-        apply_changes(&mut config, &options.changes)?;
+        crate::build::builder::apply_changes(&mut config, &options.changes)?;
         let paused = options.pause && container.status() == Status::Running;
         if paused {
             self.pause(&container.id).await?;
@@ -132,17 +132,6 @@ impl Engine {
             Err(e) => return Err(MachineError::Task(e.to_string()).into()),
         }
         stored
-    }
-}
-
-/// Applies `docker commit --change` lines to `config`.
-fn apply_changes(config: &mut ImageConfig, changes: &[String]) -> Result<(), EngineError> {
-    let _ = config;
-    match changes.first() {
-        None => Ok(()),
-        Some(change) => Err(EngineError::InvalidArgument(format!(
-            "--change is not supported yet: {change}"
-        ))),
     }
 }
 

@@ -672,6 +672,44 @@ impl Engine {
     }
 }
 
+/// Applies `docker commit --change` lines (CMD, ENTRYPOINT, ENV, EXPOSE, LABEL, USER,
+/// VOLUME, WORKDIR, STOPSIGNAL, HEALTHCHECK) to `config`, as the builder would.
+pub fn apply_changes(config: &mut ImageConfig, changes: &[String]) -> Result<(), EngineError> {
+    for change in changes {
+        let parsed = dockerfile::parse(&format!("FROM scratch\n{change}\n"))
+            .map_err(|e| step_error(e.message))?;
+        let state = StageState {
+            image: None,
+            config: config.clone(),
+            shell: vec!["/bin/sh".into(), "-c".into()],
+            args: BTreeMap::new(),
+            escape: parsed.escape,
+        };
+        for step in parsed.stages.iter().flat_map(|s| &s.steps) {
+            match &step.instruction {
+                Instruction::Run { .. }
+                | Instruction::Copy { .. }
+                | Instruction::Add { .. }
+                | Instruction::Arg(_)
+                | Instruction::Shell(_)
+                | Instruction::Maintainer(_)
+                | Instruction::Onbuild { .. }
+                | Instruction::From { .. } => {
+                    return Err(step_error(format!(
+                        "{} is not a valid change command",
+                        step.original.split_whitespace().next().unwrap_or_default()
+                    )))
+                }
+                instruction => {
+                    let (_, apply) = config_change(&state, instruction)?;
+                    apply(config)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 fn globals_get(globals: &BTreeMap<String, String>, name: &str) -> Option<String> {
     globals.get(name).cloned()
 }
@@ -1424,6 +1462,36 @@ mod tests {
         assert_eq!(absolute_dest("", "x"), "/x");
         assert_eq!(absolute_dest("/app", "/etc/../opt"), "/opt");
         assert_eq!(absolute_dest("/app", "."), "/app/");
+    }
+
+    #[test]
+    fn apply_changes_sets_the_run_configuration_and_refuses_build_steps() {
+        let mut config = ImageConfig::default();
+
+        apply_changes(
+            &mut config,
+            &[
+                "CMD [\"serve\"]".into(),
+                "ENV A=1 B=\"two words\"".into(),
+                "EXPOSE 80".into(),
+            ],
+        )
+        .unwrap();
+        let refused = apply_changes(&mut config, &["RUN rm -rf /".into()]).unwrap_err();
+
+        assert_eq!(config.cmd().as_deref(), Some(&["serve".to_owned()][..]));
+        assert_eq!(
+            config.env().as_deref(),
+            Some(&["A=1".to_owned(), "B=two words".to_owned()][..])
+        );
+        assert_eq!(
+            config.exposed_ports().as_deref(),
+            Some(&["80/tcp".to_owned()][..])
+        );
+        assert!(
+            refused.to_string().contains("not a valid change command"),
+            "{refused}"
+        );
     }
 
     #[test]
