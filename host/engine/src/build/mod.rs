@@ -7,3 +7,4 @@
 //! instead of panicking, whatever the input.
 
 pub mod dockerfile;
+pub mod dockerignore;
