@@ -8,3 +8,4 @@
 
 pub mod builder;
 pub mod dockerfile;
+pub mod dockerignore;
