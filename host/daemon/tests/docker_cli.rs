@@ -311,9 +311,24 @@ fn docker_commit_makes_an_image_of_the_containers_changes() {
         "{{len .RootFS.Layers}}",
         "committed:v1",
     ]);
+    daemon.docker_ok(&[
+        "commit",
+        "--change",
+        "CMD [\"cat\", \"/made\"]",
+        "--change",
+        "ENV MODE=changed",
+        "changed",
+        "changed:cmd",
+    ]);
+    let changed_cmd = daemon.docker_ok(&["run", "--rm", "changed:cmd"]);
+    let changed_env = daemon.docker_ok(&["run", "--rm", "changed:cmd", "sh", "-c", "echo $MODE"]);
+    let bad_change = daemon.docker(&["commit", "--change", "RUN true", "changed", "nope"]);
     let missing = daemon.docker(&["commit", "no-such-container", "x"]);
 
     assert!(id.starts_with("sha256:"), "{id}");
+    assert_eq!(changed_cmd, "made\n");
+    assert_eq!(changed_env, "changed\n");
+    assert_eq!(bad_change.status.code(), Some(1));
     assert_eq!(
         text(&from_stopped.stdout),
         "made\ndeep\nvi-gone\n",

@@ -12,7 +12,6 @@ use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 
 use agent_protocol::{DiffLayer, StreamHeader, StreamKind};
-use oci_spec::image::Config as ImageConfig;
 use tokio::sync::oneshot;
 
 use crate::containers::spec::{command_line, committed_config};
