@@ -83,6 +83,28 @@ pub enum BenchCommand {
         #[arg(long)]
         record: Option<PathBuf>,
     },
+    /// `docker build` of a 20-step Dockerfile through a fresh berthd, cold (`--no-cache`) and
+    /// cached, against the same steps run as a shell script natively on the host.
+    Build {
+        /// Builds of each kind; the medians are reported.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// The busybox image as a docker-archive (`tests/images/make-busybox.sh` writes one).
+        #[arg(long)]
+        archive: PathBuf,
+        /// The berthd binary; by default the one beside this `berth`.
+        #[arg(long)]
+        berthd: Option<PathBuf>,
+        /// The docker CLI.
+        #[arg(long, default_value = "/usr/local/bin/docker")]
+        docker: PathBuf,
+        /// The static busybox the native anchor runs.
+        #[arg(long, default_value = "/bin/busybox")]
+        busybox: PathBuf,
+        /// Replace the `build` section of this markdown file with the results.
+        #[arg(long)]
+        record: Option<PathBuf>,
+    },
 }
 
 pub fn run(command: BenchCommand) -> anyhow::Result<()> {
@@ -121,21 +143,42 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
             };
             bench_run(runs, &archive, &tools, record.as_deref())
         }
+        BenchCommand::Build {
+            runs,
+            archive,
+            berthd,
+            docker,
+            busybox,
+            record,
+        } => {
+            let berthd = match berthd {
+                Some(path) => path,
+                None => std::env::current_exe()
+                    .context("locating berth")?
+                    .with_file_name("berthd"),
+            };
+            let tools = RunTools {
+                berthd,
+                docker,
+                busybox,
+            };
+            crate::bench_build::run(runs, &archive, &tools, record.as_deref())
+        }
     }
 }
 
 /// The programs `bench run` drives.
 #[derive(Debug)]
-struct RunTools {
-    berthd: PathBuf,
-    docker: PathBuf,
-    busybox: PathBuf,
+pub(crate) struct RunTools {
+    pub(crate) berthd: PathBuf,
+    pub(crate) docker: PathBuf,
+    pub(crate) busybox: PathBuf,
 }
 
 /// A berthd started for a benchmark, stopped (VM included) when dropped.
-struct BenchDaemon {
+pub(crate) struct BenchDaemon {
     child: std::process::Child,
-    socket: PathBuf,
+    pub(crate) socket: PathBuf,
 }
 
 impl Drop for BenchDaemon {
@@ -154,10 +197,12 @@ impl Drop for BenchDaemon {
     }
 }
 
-fn docker(tools: &RunTools, socket: &Path, args: &[&str]) -> anyhow::Result<String> {
+pub(crate) fn docker(tools: &RunTools, socket: &Path, args: &[&str]) -> anyhow::Result<String> {
     let output = Command::new(&tools.docker)
         .args(args)
         .env("DOCKER_HOST", format!("unix://{}", socket.display()))
+        // The classic builder: the CLI here has no buildx plugin.
+        .env("DOCKER_BUILDKIT", "0")
         .stdin(Stdio::null())
         .output()
         .with_context(|| format!("running {}", tools.docker.display()))?;
@@ -249,7 +294,11 @@ fn bench_run(
     Ok(())
 }
 
-fn start_daemon(tools: &RunTools, dir: &Path, log: &fs::File) -> anyhow::Result<BenchDaemon> {
+pub(crate) fn start_daemon(
+    tools: &RunTools,
+    dir: &Path,
+    log: &fs::File,
+) -> anyhow::Result<BenchDaemon> {
     let socket = dir.join("docker.sock");
     let child = Command::new(&tools.berthd)
         .env("BERTH_SOCKET", &socket)

@@ -4,6 +4,7 @@
 //! (`berth bench …`); once berthd serves its API, the VM commands go through it.
 
 mod bench;
+mod bench_build;
 mod bench_container;
 
 use std::io::Write;
