@@ -12,6 +12,7 @@ use crate::container::{
     ContainerRef, ContainerStats, CreateContainer, ExecProcess, ExecRef, ExitInfo, ProcessRef,
     ResizePty, SignalProcess, StorageDirs, TopInfo, UnpackLayer, UnpackedLayer,
 };
+use crate::storage::{CopyUp, DirSizes, Shares, StorageListing};
 
 /// A request with the id its response will carry.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -80,6 +81,17 @@ pub enum Request {
     /// Remove directories and everything in them under the agent's storage root; answered
     /// with `Done`. Missing ones are not an error.
     RemoveDirs(StorageDirs),
+    /// List layers, containers and volumes under the storage root, and the disk's space;
+    /// answered with `Storage`.
+    ListStorage,
+    /// Measure the space used below directories of the storage root; answered with `Sizes`.
+    MeasureDirs(StorageDirs),
+    /// Give the data disk's free blocks back to the host (`FITRIM`); answered with `Done`.
+    TrimStorage,
+    /// Mount the host's virtio-fs shares not mounted yet; answered with `Done`.
+    MountShares(Shares),
+    /// Fill an empty volume with the image's content at its mount point; answered with `Done`.
+    CopyUp(CopyUp),
 }
 
 /// What the agent answers.
@@ -102,6 +114,10 @@ pub enum Response {
     Stats(ContainerStats),
     /// What a layer unpack produced.
     Unpacked(UnpackedLayer),
+    /// Answer to [`Request::ListStorage`].
+    Storage(StorageListing),
+    /// Answer to [`Request::MeasureDirs`].
+    Sizes(DirSizes),
 }
 
 /// The host's side of the handshake.

@@ -96,6 +96,8 @@ pub fn vm_config(size: &VmSizeArgs, state_dir: PathBuf) -> VmConfig {
         state_dir,
         boot_timeout: Duration::from_secs(size.boot_timeout),
         extra_cmdline: Vec::new(),
+        data_disk: None,
+        shares: Vec::new(),
     }
 }
 

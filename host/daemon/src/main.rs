@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use berth_engine::assets::{default_vm_dir, Assets};
+use berth_engine::vm::disk::DataDisk;
 use berth_engine::{Engine, EngineConfig, VmConfig};
 use clap::Parser;
 use tokio::net::UnixListener;
@@ -41,6 +42,10 @@ struct Args {
     /// How long the guest may take to boot, in seconds.
     #[arg(long, default_value_t = 120)]
     boot_timeout: u64,
+    /// Size of a new guest data disk in GiB (`<data dir>/vm/data.raw`, sparse: it allocates
+    /// only what the guest stores). An existing disk keeps its size.
+    #[arg(long, env = "BERTH_DISK_SIZE", default_value_t = 64)]
+    disk_size: u64,
 }
 
 /// `$XDG_RUNTIME_DIR/berth/docker.sock`, else `/run/berth/docker.sock` for root.
@@ -109,6 +114,11 @@ async fn main() -> anyhow::Result<()> {
         state_dir: args.vm_dir.unwrap_or_else(default_vm_dir),
         boot_timeout: Duration::from_secs(args.boot_timeout),
         extra_cmdline: Vec::new(),
+        data_disk: Some(DataDisk {
+            path: data_root.join("vm/data.raw"),
+            size_bytes: args.disk_size.saturating_mul(1 << 30),
+        }),
+        shares: Vec::new(),
     };
     vm.check_assets()
         .context("checking the VM's kernel and initramfs")?;

@@ -14,7 +14,9 @@ use hyper::{Method, Request, StatusCode};
 use crate::body::{self, ApiResponse};
 use crate::error::{ApiError, ApiResult};
 use crate::query::Query;
-use crate::{containers, exec, images, system, API_VERSION, ENGINE_VERSION, MIN_API_VERSION};
+use crate::{
+    containers, exec, images, system, volumes, API_VERSION, ENGINE_VERSION, MIN_API_VERSION,
+};
 
 /// A parsed `major.minor` API version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -132,6 +134,11 @@ async fn dispatch(
         (&M::POST, ["exec", id, "resize"]) => exec::resize(&engine, id, &query).await,
         (&M::GET, ["exec", id, "json"]) => exec::inspect(&engine, id),
 
+        (&M::POST, ["volumes", "create"]) => volumes::create(&engine, request).await,
+        (&M::POST, ["volumes", "prune"]) => volumes::prune(&engine, &query).await,
+        (&M::GET, ["volumes"]) => volumes::list(&engine, &query),
+        (&M::GET, ["volumes", name]) => volumes::inspect(&engine, name),
+        (&M::DELETE, ["volumes", name]) => volumes::remove(&engine, name, &query).await,
         (&M::GET, ["images", "json"]) => images::list(&engine, &query).await,
         (&M::POST, ["images", "load"]) => images::load(&engine, request).await,
         (&M::POST, ["images", "create"]) => images::create(&engine, &query, request).await,

@@ -3,6 +3,7 @@
 
 pub mod agent_client;
 pub mod assets;
+pub mod binds;
 pub mod containers;
 pub mod error;
 pub mod events;
@@ -13,6 +14,7 @@ pub mod machine;
 pub mod runtime;
 pub(crate) mod sync;
 pub mod vm;
+pub mod volumes;
 
 pub use agent_client::{AgentClient, AgentClientError};
 pub use agent_protocol::{ContainerStats, SystemInfo, TopInfo};

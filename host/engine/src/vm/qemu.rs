@@ -186,6 +186,17 @@ pub fn qemu_args(config: &VmConfig, accel: Accel, vhost_socket: Option<&Path>) -
         args.extend([OsString::from("-chardev"), chardev]);
         args.extend(["-device", "vhost-user-vsock-device,chardev=vsock0"].map(OsString::from));
     }
+    if let Some(disk) = &config.data_disk {
+        // The first (only) virtio-blk device: /dev/vda in the guest. discard=unmap passes the
+        // guest's discards through as holes punched in the sparse file; detect-zeroes turns
+        // zero writes into holes too.
+        let mut drive = OsString::from("file=");
+        drive.push(qemu_escape(&disk.path));
+        drive
+            .push(",if=none,id=data0,format=raw,discard=unmap,detect-zeroes=unmap,cache=writeback");
+        args.extend([OsString::from("-drive"), drive]);
+        args.extend(["-device", "virtio-blk-device,drive=data0"].map(OsString::from));
+    }
     args.push("-serial".into());
     let mut serial = OsString::from("file:");
     serial.push(config.console_log());
@@ -197,6 +208,19 @@ pub fn qemu_args(config: &VmConfig, accel: Accel, vhost_socket: Option<&Path>) -
     args.push("-append".into());
     args.push(config.cmdline().into());
     args
+}
+
+/// A path as a QEMU option value: commas are doubled, as QEMU's option syntax wants.
+fn qemu_escape(path: &Path) -> OsString {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let mut bytes = Vec::with_capacity(path.as_os_str().len());
+    for &byte in path.as_os_str().as_bytes() {
+        bytes.push(byte);
+        if byte == b',' {
+            bytes.push(b',');
+        }
+    }
+    OsString::from_vec(bytes)
 }
 
 /// Spawns a VM process in its own process group (so a Ctrl-C aimed at the CLI that started it
@@ -284,6 +308,8 @@ mod tests {
             state_dir: "/run/berth/vm".into(),
             boot_timeout: Duration::from_secs(30),
             extra_cmdline: Vec::new(),
+            data_disk: None,
+            shares: Vec::new(),
         }
     }
 
@@ -335,6 +361,28 @@ mod tests {
         let args = qemu_args(&config(), Accel::Tcg, None);
 
         assert!(!args.iter().any(|a| a.to_string_lossy().contains("vsock")));
+    }
+
+    #[test]
+    fn qemu_args_data_disk_is_virtio_blk_with_discard() {
+        let config = VmConfig {
+            data_disk: Some(super::super::disk::DataDisk {
+                path: "/data/vm,1/data.raw".into(),
+                size_bytes: 1 << 30,
+            }),
+            ..config()
+        };
+
+        let args = qemu_args(&config, Accel::Tcg, None)
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ");
+
+        assert!(args.contains(
+            "-drive file=/data/vm,,1/data.raw,if=none,id=data0,format=raw,discard=unmap"
+        ));
+        assert!(args.contains("-device virtio-blk-device,drive=data0"));
     }
 
     #[test]
