@@ -24,6 +24,25 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// `text` without the terminal colour sequences berthd's log may carry.
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // ESC [ ... final byte in @..~
+            for c in chars.by_ref() {
+                if ('@'..='~').contains(&c) && c != '[' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// The data disk berthd creates in its data directory.
 fn data_disk(daemon: &TestDaemon) -> PathBuf {
     daemon.dir.path().join("data/vm/data.raw")
@@ -56,7 +75,7 @@ fn layers_on_the_data_disk_are_not_uploaded_again_after_a_restart() {
     daemon.restart();
     daemon.docker_ok(&["run", "--rm", "busybox", "true"]);
 
-    let log = daemon.log();
+    let log = strip_ansi(&daemon.log());
     let reconciled: Vec<&str> = log
         .lines()
         .filter(|l| l.contains("guest storage reconciled"))
@@ -65,4 +84,196 @@ fn layers_on_the_data_disk_are_not_uploaded_again_after_a_restart() {
     assert!(reconciled[0].contains("layers=0"), "{log}");
     assert!(reconciled[1].contains("layers=1"), "{log}");
     assert!(reconciled[1].contains("persistent=true"), "{log}");
+}
+
+#[test]
+fn volume_create_ls_inspect_rm_in_docker_shapes() {
+    let daemon = daemon_or_skip!();
+
+    let created = daemon.docker_ok(&["volume", "create", "--label", "team=a", "data"]);
+    let listed = daemon.docker_ok(&["volume", "ls", "--format", "{{.Driver}} {{.Name}}"]);
+    let inspected = daemon.docker_ok(&[
+        "volume",
+        "inspect",
+        "--format",
+        "{{.Name}} {{.Labels.team}} {{.Scope}}",
+        "data",
+    ]);
+    daemon.docker_ok(&["volume", "rm", "data"]);
+    let missing = daemon.docker(&["volume", "inspect", "data"]);
+
+    assert_eq!(created, "data\n");
+    assert_eq!(listed, "local data\n");
+    assert_eq!(inspected, "data a local\n");
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(
+        text(&missing.stderr).contains("no such volume"),
+        "{}",
+        text(&missing.stderr)
+    );
+}
+
+#[test]
+fn volume_invalid_name_is_refused_with_dockerd_message() {
+    let daemon = daemon_or_skip!();
+    daemon.load_busybox();
+
+    let create = daemon.docker(&["volume", "create", "bad$name"]);
+    let run = daemon.docker(&["run", "--rm", "-v", "bad$name:/x", "busybox", "true"]);
+
+    for output in [&create, &run] {
+        assert!(!output.status.success());
+        assert!(
+            text(&output.stderr).contains("includes invalid characters for a local volume name"),
+            "{}",
+            text(&output.stderr)
+        );
+    }
+    assert_eq!(daemon.docker_ok(&["volume", "ls", "-q"]), "");
+}
+
+#[test]
+fn named_volume_keeps_data_across_rm_and_a_vm_restart_and_refuses_rm_in_use() {
+    let mut daemon = daemon_or_skip!();
+    daemon.load_busybox();
+    daemon.docker_ok(&[
+        "run",
+        "--name",
+        "writer",
+        "-v",
+        "keep:/data",
+        "busybox",
+        "sh",
+        "-c",
+        "echo survived > /data/f",
+    ]);
+
+    let in_use = daemon.docker(&["volume", "rm", "keep"]);
+    daemon.docker_ok(&["rm", "writer"]);
+    daemon.restart();
+    let read = daemon.docker_ok(&[
+        "run",
+        "--rm",
+        "-v",
+        "keep:/data",
+        "busybox",
+        "cat",
+        "/data/f",
+    ]);
+
+    assert!(!in_use.status.success());
+    assert!(
+        text(&in_use.stderr).contains("volume is in use"),
+        "{}",
+        text(&in_use.stderr)
+    );
+    assert_eq!(read, "survived\n", "berthd log:\n{}", daemon.log());
+}
+
+#[test]
+fn fresh_volume_is_filled_with_the_image_content_and_nocopy_is_not() {
+    let daemon = daemon_or_skip!();
+    daemon.load_busybox();
+
+    // A fresh volume on /bin: without copy-up the container would find no shell at all.
+    let seeded = daemon.docker_ok(&["run", "--rm", "-v", "seeded:/bin", "busybox", "true"]);
+    let listed = daemon.docker_ok(&["run", "--rm", "-v", "seeded:/x", "busybox", "ls", "/x"]);
+    let empty = daemon.docker_ok(&[
+        "run",
+        "--rm",
+        "-v",
+        "bare:/etc:nocopy",
+        "busybox",
+        "ls",
+        "-A",
+        "/etc",
+    ]);
+
+    assert_eq!(seeded, "");
+    assert!(listed.lines().any(|l| l == "busybox"), "{listed}");
+    assert_eq!(empty, "");
+}
+
+#[test]
+fn anonymous_volume_is_shared_by_volumes_from_and_removed_by_rm_v() {
+    let daemon = daemon_or_skip!();
+    daemon.load_busybox();
+    daemon.docker_ok(&[
+        "run",
+        "--name",
+        "owner",
+        "-v",
+        "/cache",
+        "busybox",
+        "sh",
+        "-c",
+        "echo hi > /cache/x",
+    ]);
+    let anonymous = daemon.docker_ok(&["volume", "ls", "-q"]);
+
+    let shared = daemon.docker_ok(&[
+        "run",
+        "--rm",
+        "--volumes-from",
+        "owner:ro",
+        "busybox",
+        "cat",
+        "/cache/x",
+    ]);
+    let read_only = daemon.docker(&[
+        "run",
+        "--rm",
+        "--volumes-from",
+        "owner:ro",
+        "busybox",
+        "touch",
+        "/cache/y",
+    ]);
+    daemon.docker_ok(&["rm", "-v", "owner"]);
+    let after = daemon.docker_ok(&["volume", "ls", "-q"]);
+
+    assert_eq!(anonymous.trim().len(), 64, "{anonymous}");
+    assert_eq!(shared, "hi\n");
+    assert!(!read_only.status.success());
+    assert!(
+        text(&read_only.stderr).contains("Read-only file system"),
+        "{}",
+        text(&read_only.stderr)
+    );
+    assert_eq!(after, "");
+}
+
+#[test]
+fn volume_prune_frees_space_in_the_host_disk_file() {
+    let daemon = daemon_or_skip!();
+    daemon.load_busybox();
+    // 48 MiB of incompressible data (urandom: zeroes would never be allocated).
+    daemon.docker_ok(&[
+        "run",
+        "--rm",
+        "-v",
+        "big:/data",
+        "busybox",
+        "dd",
+        "if=/dev/urandom",
+        "of=/data/blob",
+        "bs=1M",
+        "count=48",
+    ]);
+    let disk = data_disk(&daemon);
+    let allocated = || std::fs::metadata(&disk).expect("the data disk").blocks() * 512;
+    let before = allocated();
+
+    let pruned = daemon.docker_ok(&["volume", "prune", "--all", "--force"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while allocated() + (40 << 20) > before && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+    let after = allocated();
+
+    assert!(pruned.contains("big"), "{pruned}");
+    assert!(
+        after + (40 << 20) <= before,
+        "allocated {before} before, {after} after the prune"
+    );
 }
