@@ -282,3 +282,165 @@ fn volume_prune_frees_space_in_the_host_disk_file() {
         "allocated {before} before, {after} after the prune"
     );
 }
+
+/// A scratch directory under the system temp dir, one of berthd's default shared roots.
+fn shared_scratch() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("berth-bind-")
+        .tempdir_in(std::env::temp_dir())
+        .expect("a temp dir")
+}
+
+#[test]
+fn bind_mount_round_trips_files_and_honours_read_only() {
+    let daemon = daemon_or_skip!();
+    daemon.load_busybox();
+    let dir = shared_scratch();
+    std::fs::write(dir.path().join("from-host"), "host says hi\n").unwrap();
+    let bind = format!("{}:/work", dir.path().display());
+    let bind_ro = format!("{bind}:ro");
+
+    let read = daemon.docker_ok(&[
+        "run",
+        "--rm",
+        "-v",
+        &bind,
+        "busybox",
+        "cat",
+        "/work/from-host",
+    ]);
+    daemon.docker_ok(&[
+        "run",
+        "--rm",
+        "-v",
+        &bind,
+        "busybox",
+        "sh",
+        "-c",
+        "echo container says hi > /work/from-ctr",
+    ]);
+    let mount = format!(
+        "type=bind,source={},target=/work,readonly",
+        dir.path().display()
+    );
+    let refused = daemon.docker(&[
+        "run", "--rm", "--mount", &mount, "busybox", "touch", "/work/x",
+    ]);
+    let refused_v = daemon.docker(&["run", "--rm", "-v", &bind_ro, "busybox", "touch", "/work/x"]);
+
+    assert_eq!(read, "host says hi\n", "berthd log:\n{}", daemon.log());
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("from-ctr")).unwrap(),
+        "container says hi\n"
+    );
+    for output in [&refused, &refused_v] {
+        assert!(!output.status.success());
+        assert!(
+            text(&output.stderr).contains("Read-only file system"),
+            "{}",
+            text(&output.stderr)
+        );
+    }
+    assert!(!dir.path().join("x").exists());
+}
+
+#[test]
+fn bind_mount_files_created_in_a_container_belong_to_the_share_owner() {
+    // The owner berthd maps container users to; not root, so the mapping is visible.
+    const OWNER: u32 = 4321;
+    let daemon = match TestDaemon::start_with_env(
+        std::path::Path::new(env!("CARGO_BIN_EXE_berthd")),
+        &[("BERTH_SHARE_OWNER", "4321:4321")],
+    ) {
+        Ok(daemon) => daemon,
+        Err(reason) => return skip(&reason),
+    };
+    daemon.load_busybox();
+    let dir = shared_scratch();
+    std::fs::write(dir.path().join("mine"), "x").unwrap();
+    std::os::unix::fs::chown(dir.path().join("mine"), Some(OWNER), Some(OWNER)).unwrap();
+    let bind = format!("{}:/work", dir.path().display());
+
+    daemon.docker_ok(&[
+        "run", "--rm", "-v", &bind, "busybox", "sh", "-c",
+        "touch /work/by-root && mkdir /work/d && chown 1000:1000 /work/d && su -s /bin/sh nobody -c true; true",
+    ]);
+    let seen = daemon.docker_ok(&[
+        "run",
+        "--rm",
+        "-v",
+        &bind,
+        "busybox",
+        "stat",
+        "-c",
+        "%u:%g",
+        "/work/mine",
+    ]);
+
+    let meta = std::fs::metadata(dir.path().join("by-root")).expect("created on the host");
+    assert_eq!((meta.uid(), meta.gid()), (OWNER, OWNER));
+    let meta = std::fs::metadata(dir.path().join("d")).expect("created on the host");
+    assert_eq!(
+        (meta.uid(), meta.gid()),
+        (OWNER, OWNER),
+        "other guest ids are squashed"
+    );
+    assert_eq!(
+        seen, "0:0\n",
+        "the owner's files are root's in the container"
+    );
+}
+
+#[test]
+fn bind_mount_bad_sources_are_refused_with_clear_messages() {
+    let daemon = daemon_or_skip!();
+    daemon.load_busybox();
+    let dir = shared_scratch();
+    // A symlink inside the share that points outside it.
+    std::os::unix::fs::symlink("/etc", dir.path().join("escape")).unwrap();
+    let missing = format!("type=bind,source={}/nope,target=/x", dir.path().display());
+    let outside = "/opt/berth-not-shared:/x".to_owned();
+    let dot_dot = format!("{}/../../etc:/x", dir.path().display());
+    let via_link = format!("{}/escape:/x", dir.path().display());
+
+    let no_source = daemon.docker(&["run", "--rm", "--mount", &missing, "busybox", "true"]);
+    let not_shared = daemon.docker(&["run", "--rm", "-v", &outside, "busybox", "true"]);
+    let escaped = daemon.docker(&["run", "--rm", "-v", &dot_dot, "busybox", "true"]);
+    let linked = daemon.docker(&["run", "--rm", "-v", &via_link, "busybox", "true"]);
+    // Mounting the share itself, the symlink resolves inside the container, never on the host.
+    let share = format!("{}:/work", dir.path().display());
+    let through = daemon.docker_ok(&[
+        "run",
+        "--rm",
+        "-v",
+        &share,
+        "busybox",
+        "cat",
+        "/work/escape/hostname",
+    ]);
+
+    assert!(
+        text(&no_source.stderr).contains("bind source path does not exist"),
+        "{}",
+        text(&no_source.stderr)
+    );
+    for output in [&not_shared, &escaped, &linked] {
+        assert!(!output.status.success());
+        assert!(
+            text(&output.stderr).contains("is not shared from the host")
+                && text(&output.stderr).contains("BERTH_SHARES"),
+            "{}",
+            text(&output.stderr)
+        );
+    }
+    let host_hostname = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+    assert_ne!(
+        through, host_hostname,
+        "the container's own /etc, not the host's"
+    );
+    assert_eq!(
+        daemon.docker_ok(&["ps", "-aq"]),
+        "",
+        "nothing was left behind"
+    );
+}

@@ -162,6 +162,10 @@ pub struct VmShare {
     pub tag: String,
     /// The shared directory on the host (absolute, canonical).
     pub host_dir: PathBuf,
+    /// The host user and group that own what containers create in the share: guest root
+    /// maps to them both ways, and every other guest id is squashed to them
+    /// (`docs/design/file-sharing.md`).
+    pub owner: (u32, u32),
 }
 
 impl VmConfig {
