@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use agent_protocol::{
     negotiate_version, AgentError, AgentErrorKind, ContainerRef, CopyUp, CreateContainer,
-    ExecProcess, ExecRef, Hello, HelloAck, ProcessRef, ResizePty, Response, Shares, SignalProcess,
-    StorageDirs, UnpackLayer, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    ExecProcess, ExecRef, FileChanges, Hello, HelloAck, ProcessRef, ResizePty, Response, Shares,
+    SignalProcess, StorageDirs, UnpackLayer, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use berth_container::unpack::UnpackError;
 use berth_container::ContainerError;
@@ -357,6 +357,13 @@ pub fn mount_shares(request: &Shares) -> Result<Response, AgentError> {
 /// `CopyUp`.
 pub fn copy_up(context: &AgentContext, request: &CopyUp) -> Result<Response, AgentError> {
     storage::do_copy_up(context.containers.storage_root(), request)
+        .map(|()| Response::Done)
+        .map_err(|e| storage_error(&e))
+}
+
+/// `Notify`.
+pub fn notify(request: &FileChanges) -> Result<Response, AgentError> {
+    storage::do_notify(&request.paths)
         .map(|()| Response::Done)
         .map_err(|e| storage_error(&e))
 }

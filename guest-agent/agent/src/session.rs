@@ -273,6 +273,9 @@ impl Session<'_> {
             (Some(_), Request::CopyUp(body)) => {
                 Step::answer(id, handlers::copy_up(self.context, &body), Then::Continue)
             }
+            (Some(_), Request::Notify(body)) => {
+                Step::answer(id, handlers::notify(&body), Then::Continue)
+            }
             (Some(_), Request::Shutdown) => {
                 let result = handlers::shutdown();
                 let then = if result.is_ok() {
@@ -371,6 +374,7 @@ fn request_name(request: &Request) -> &'static str {
         Request::TrimStorage => "TrimStorage",
         Request::MountShares(_) => "MountShares",
         Request::CopyUp(_) => "CopyUp",
+        Request::Notify(_) => "Notify",
     }
 }
 

@@ -11,7 +11,7 @@
 use std::collections::HashSet;
 use std::fs;
 use std::io;
-use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{symlink, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
@@ -280,6 +280,40 @@ pub fn do_mount_shares(shares: &[Share]) -> Result<(), StorageError> {
     Ok(())
 }
 
+/// Raises inotify events in the guest on host files that changed under a share: each path
+/// that exists gets its mode set to what it is (`IN_ATTRIB`) and, for a regular file, an
+/// open for writing and a close (`IN_CLOSE_WRITE`) that writes nothing; a path that is gone
+/// has its parent touched the same way, so watchers of the directory rescan. Errors on single
+/// paths are ignored: the file may change again under us.
+pub fn do_notify(paths: &[PathBuf]) -> Result<(), StorageError> {
+    for path in paths {
+        if !is_below(Path::new(SHARES_DIR), path) {
+            return Err(StorageError::BadMountPoint(path.clone()));
+        }
+    }
+    for path in paths {
+        let target = match fs::symlink_metadata(path) {
+            Ok(meta) if meta.file_type().is_symlink() => continue,
+            Ok(meta) => Some((path.as_path(), meta)),
+            Err(_) => path
+                .parent()
+                .filter(|parent| is_below(Path::new(SHARES_DIR), parent))
+                .and_then(|parent| fs::metadata(parent).ok().map(|m| (parent, m))),
+        };
+        let Some((target, meta)) = target else {
+            continue;
+        };
+        let _ = fs::set_permissions(target, fs::Permissions::from_mode(meta.mode() & 0o7777));
+        if meta.is_file() {
+            let _ = fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+                .open(target);
+        }
+    }
+    Ok(())
+}
+
 /// Whether something is mounted at `path` (its device differs from its parent's).
 fn is_mount_point(path: &Path) -> bool {
     let (Ok(meta), Some(Ok(parent))) = (fs::metadata(path), path.parent().map(fs::metadata)) else {
@@ -513,6 +547,13 @@ mod tests {
         .unwrap();
 
         assert!(!volume.join("file").exists());
+    }
+
+    #[test]
+    fn notify_outside_the_shares_is_refused() {
+        let result = do_notify(&[PathBuf::from("/etc/passwd")]);
+
+        assert!(matches!(result, Err(StorageError::BadMountPoint(_))));
     }
 
     #[test]

@@ -12,7 +12,7 @@ use crate::container::{
     ContainerRef, ContainerStats, CreateContainer, ExecProcess, ExecRef, ExitInfo, ProcessRef,
     ResizePty, SignalProcess, StorageDirs, TopInfo, UnpackLayer, UnpackedLayer,
 };
-use crate::storage::{CopyUp, DirSizes, Shares, StorageListing};
+use crate::storage::{CopyUp, DirSizes, FileChanges, Shares, StorageListing};
 
 /// A request with the id its response will carry.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -92,6 +92,9 @@ pub enum Request {
     MountShares(Shares),
     /// Fill an empty volume with the image's content at its mount point; answered with `Done`.
     CopyUp(CopyUp),
+    /// Host files changed under a share: raise inotify events on them in the guest; answered
+    /// with `Done`.
+    Notify(FileChanges),
 }
 
 /// What the agent answers.

@@ -70,6 +70,13 @@ pub struct CopyUp {
     pub volume_dir: PathBuf,
 }
 
+/// Body of [`crate::Request::Notify`]: files the host saw change in a shared directory.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileChanges {
+    /// Guest paths below a share's mount point.
+    pub paths: Vec<PathBuf>,
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::Cursor;

@@ -364,7 +364,13 @@ fn bind_mount_files_created_in_a_container_belong_to_the_share_owner() {
     let bind = format!("{}:/work", dir.path().display());
 
     daemon.docker_ok(&[
-        "run", "--rm", "-v", &bind, "busybox", "sh", "-c",
+        "run",
+        "--rm",
+        "-v",
+        &bind,
+        "busybox",
+        "sh",
+        "-c",
         "touch /work/by-root && mkdir /work/d && chown 1000:1000 /work/d",
     ]);
     let seen = daemon.docker_ok(&[
@@ -444,5 +450,85 @@ fn bind_mount_bad_sources_are_refused_with_clear_messages() {
         daemon.docker_ok(&["ps", "-aq"]),
         "",
         "nothing was left behind"
+    );
+}
+
+/// Builds `tests/images/inotify-probe.c` statically into `dir` (Debian's busybox-static has no
+/// `inotifyd`); the test bind-mounts it into the container.
+fn build_inotify_probe(dir: &std::path::Path) -> Result<PathBuf, String> {
+    let source =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/images/inotify-probe.c");
+    let output = dir.join("inotify-probe");
+    let status = std::process::Command::new("cc")
+        .args(["-static", "-O2", "-o"])
+        .arg(&output)
+        .arg(&source)
+        .status()
+        .map_err(|e| format!("cannot run cc: {e}"))?;
+    if status.success() {
+        Ok(output)
+    } else {
+        Err(format!("cc failed on {} ({status})", source.display()))
+    }
+}
+
+#[test]
+fn host_edit_wakes_inotify_in_a_container_within_a_second() {
+    let daemon = daemon_or_skip!();
+    daemon.load_busybox();
+    let tools = shared_scratch();
+    let probe = match build_inotify_probe(tools.path()) {
+        Ok(probe) => probe,
+        Err(reason) => return skip(&reason),
+    };
+    let dir = shared_scratch();
+    let watched = dir.path().join("watched.txt");
+    std::fs::write(&watched, "v1\n").unwrap();
+    let bind = format!("{}:/work", dir.path().display());
+    let probe_bind = format!("{}:/probe:ro", probe.display());
+    daemon.docker_ok(&[
+        "run",
+        "-d",
+        "--name",
+        "watcher",
+        "-v",
+        &bind,
+        "-v",
+        &probe_bind,
+        "busybox",
+        "/probe",
+        "/work/watched.txt",
+    ]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !daemon.docker_ok(&["logs", "watcher"]).contains("watching") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the probe did not start:\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+
+    let edited = std::time::Instant::now();
+    std::fs::write(&watched, "v2\n").unwrap();
+    let mut logs = String::new();
+    while !logs.contains("event") && edited.elapsed() < std::time::Duration::from_secs(10) {
+        logs = daemon.docker_ok(&["logs", "watcher"]);
+    }
+    let latency = edited.elapsed();
+    daemon.docker_ok(&["rm", "-f", "watcher"]);
+
+    assert!(
+        logs.contains("event"),
+        "no event: {logs:?}\n{}",
+        daemon.log()
+    );
+    eprintln!(
+        "host edit seen in the container after {} ms",
+        latency.as_millis()
+    );
+    assert!(
+        latency < std::time::Duration::from_secs(1),
+        "took {latency:?}"
     );
 }

@@ -18,10 +18,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use agent_protocol::{
     read_frame, stream_socket_path, write_frame, AgentError, ContainerRef, ContainerStats, CopyUp,
-    CreateContainer, ExecProcess, ExecRef, ExitInfo, FrameError, Hello, HelloAck, ProcessRef,
-    ReadyNotice, Request, RequestEnvelope, ResizePty, Response, ResponseEnvelope, Share, Shares,
-    SignalProcess, StorageDirs, StorageListing, StreamAccept, StreamHeader, SystemInfo, TopInfo,
-    UnpackLayer, UnpackedLayer, CONTROL_PORT, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, STREAM_PORT,
+    CreateContainer, ExecProcess, ExecRef, ExitInfo, FileChanges, FrameError, Hello, HelloAck,
+    ProcessRef, ReadyNotice, Request, RequestEnvelope, ResizePty, Response, ResponseEnvelope,
+    Share, Shares, SignalProcess, StorageDirs, StorageListing, StreamAccept, StreamHeader,
+    SystemInfo, TopInfo, UnpackLayer, UnpackedLayer, CONTROL_PORT, MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION, STREAM_PORT,
 };
 use thiserror::Error;
 
@@ -455,6 +456,11 @@ impl AgentClient {
             Response::Done => Ok(()),
             _ => Err(AgentClientError::UnexpectedResponse("CopyUp")),
         }
+    }
+
+    /// Tells the agent which files under its shares changed on the host.
+    pub fn notify(&mut self, paths: Vec<PathBuf>) -> Result<(), AgentClientError> {
+        self.call_done(Request::Notify(FileChanges { paths }), "Notify")
     }
 
     fn call_done(&mut self, request: Request, name: &'static str) -> Result<(), AgentClientError> {

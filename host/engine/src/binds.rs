@@ -33,6 +33,17 @@ pub fn guest_shares(shares: &[VmShare]) -> Vec<Share> {
         .collect()
 }
 
+/// The guest path of a host path inside a share, or `None` outside every share. The path is
+/// taken as it is (the watcher reports canonical paths under canonical share roots).
+pub fn guest_path(host: &Path, shares: &[VmShare]) -> Option<PathBuf> {
+    let share = shares
+        .iter()
+        .filter(|s| host.starts_with(&s.host_dir))
+        .max_by_key(|s| s.host_dir.as_os_str().len())?;
+    let relative = host.strip_prefix(&share.host_dir).ok()?;
+    Some(guest_mount_point(share).join(relative))
+}
+
 /// Why a bind source cannot be mounted.
 #[derive(Debug, Error)]
 pub enum BindError {

@@ -15,6 +15,7 @@ pub mod runtime;
 pub(crate) mod sync;
 pub mod vm;
 pub mod volumes;
+pub mod watch;
 
 pub use agent_client::{AgentClient, AgentClientError};
 pub use agent_protocol::{ContainerStats, SystemInfo, TopInfo};

@@ -139,6 +139,8 @@ pub struct Engine {
     pub images: Arc<ImageStore>,
     /// Volume records.
     pub volumes: VolumeStore,
+    /// Host-side watches of running containers' bind sources; started with the first bind.
+    bind_watcher: std::sync::OnceLock<Option<crate::watch::BindWatcher>>,
     /// The VM.
     pub machine: Machine,
     /// What happened, for `docker events`.
@@ -158,6 +160,7 @@ impl Engine {
         let engine = Arc::new(Self {
             images: Arc::new(images),
             volumes,
+            bind_watcher: std::sync::OnceLock::new(),
             machine,
             events: Events::new(),
             containers: RwLock::new(HashMap::new()),
@@ -579,6 +582,7 @@ impl Engine {
             &container.id,
             [("name", record.name), ("image", record.spec.image)],
         );
+        self.watch_binds(&container.id, &record.spec.host.mounts);
         tokio::spawn(Arc::clone(self).supervise(Arc::clone(container), session, io));
         Ok(())
     }
@@ -699,6 +703,7 @@ impl Engine {
         if !session.is_dead() {
             self.delete_in_guest(&session, &container.id).await;
         }
+        self.unwatch_binds(&container.id);
         let record = container
             .update(|r| {
                 r.state.status = Status::Exited;

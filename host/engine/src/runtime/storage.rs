@@ -286,7 +286,8 @@ impl Engine {
             .into());
         }
         self.volumes.remove(&record.name)?;
-        self.remove_volume_data(&[record.name.clone()]).await;
+        self.remove_volume_data(std::slice::from_ref(&record.name))
+            .await;
         self.events.emit(
             "volume",
             "destroy",
@@ -424,6 +425,75 @@ impl Engine {
         if let Err(e) = session.call_dedicated(|a| a.trim_storage()).await {
             if !e.is_agent_unsupported() {
                 warn!(error = %describe(&e), "cannot trim the data disk");
+            }
+        }
+    }
+}
+
+impl Engine {
+    /// Starts watching the host side of `mounts`' binds for `container`, so host edits wake
+    /// watchers in the guest. Best effort: a container runs even if its binds cannot be
+    /// watched.
+    pub(crate) fn watch_binds(self: &Arc<Self>, container: &str, mounts: &[MountPoint]) {
+        let roots: Vec<PathBuf> = mounts
+            .iter()
+            .filter(|m| m.kind == MountKind::Bind)
+            .filter_map(|m| {
+                std::fs::canonicalize(binds::clean(std::path::Path::new(&m.source))).ok()
+            })
+            .filter(|p| p.is_dir())
+            .collect();
+        if roots.is_empty() {
+            return;
+        }
+        let watcher = self.bind_watcher.get_or_init(|| {
+            let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+            match crate::watch::BindWatcher::start(sender) {
+                Ok(watcher) => {
+                    tokio::spawn(forward_changes(Arc::downgrade(self), receiver));
+                    Some(watcher)
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot watch bind mounts; host edits will not wake watchers in containers");
+                    None
+                }
+            }
+        });
+        if let Some(watcher) = watcher {
+            watcher.watch(container, &roots);
+        }
+    }
+
+    /// Stops watching what only `container` needed.
+    pub(crate) fn unwatch_binds(&self, container: &str) {
+        if let Some(Some(watcher)) = self.bind_watcher.get() {
+            watcher.unwatch(container);
+        }
+    }
+}
+
+/// Sends each batch of host changes to the running guest, as paths under its share mounts.
+async fn forward_changes(
+    engine: std::sync::Weak<Engine>,
+    mut changes: tokio::sync::mpsc::UnboundedReceiver<crate::watch::ChangeBatch>,
+) {
+    while let Some(batch) = changes.recv().await {
+        let Some(engine) = engine.upgrade() else {
+            return;
+        };
+        let paths: Vec<PathBuf> = batch
+            .iter()
+            .filter_map(|path| binds::guest_path(path, &engine.config.vm.shares))
+            .collect();
+        let Some(session) = engine.machine.current().await else {
+            continue;
+        };
+        if paths.is_empty() {
+            continue;
+        }
+        if let Err(e) = session.call(move |a| a.notify(paths)).await {
+            if !e.is_agent_unsupported() {
+                warn!(error = %describe(&e), "cannot tell the guest about host file changes");
             }
         }
     }
