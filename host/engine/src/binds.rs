@@ -137,6 +137,7 @@ mod tests {
         VmShare {
             tag: "s0".into(),
             host_dir: std::fs::canonicalize(dir).unwrap(),
+            owner: (0, 0),
         }
     }
 
