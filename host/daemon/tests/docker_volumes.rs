@@ -532,3 +532,28 @@ fn host_edit_wakes_inotify_in_a_container_within_a_second() {
         "took {latency:?}"
     );
 }
+
+#[test]
+fn system_df_reports_guest_sizes_and_rmi_removes_unused_guest_layers() {
+    let daemon = daemon_or_skip!();
+    daemon.load_busybox();
+    daemon.docker_ok(&[
+        "run", "--name", "sized", "-v", "sized:/data", "busybox", "sh", "-c",
+        "dd if=/dev/urandom of=/data/v bs=1M count=8 && dd if=/dev/urandom of=/root/w bs=1M count=4",
+    ]);
+
+    let df = daemon.docker_ok(&["system", "df", "--format", "{{.Type}}={{.Size}}"]);
+    daemon.docker_ok(&["rm", "-v", "sized"]);
+    daemon.docker_ok(&["volume", "rm", "sized"]);
+    daemon.docker_ok(&["rmi", "busybox"]);
+
+    let sizes: std::collections::HashMap<&str, &str> =
+        df.lines().filter_map(|l| l.split_once('=')).collect();
+    assert!(sizes["Local Volumes"].starts_with("8."), "{df}");
+    assert!(sizes["Containers"].starts_with("4."), "{df}");
+    let log = strip_ansi(&daemon.log());
+    assert!(
+        log.contains("removed unused layers from the guest count=1"),
+        "{log}"
+    );
+}

@@ -93,6 +93,7 @@ impl Engine {
             Err(e) if e.is_agent_unsupported() => {}
             Err(e) => return Err(e.into()),
         }
+        self.collect_layers_locked(&session, &mut layers).await;
         let shares = binds::guest_shares(&self.config.vm.shares);
         if !shares.is_empty() {
             session.call(move |a| a.mount_shares(shares)).await?;
@@ -100,6 +101,62 @@ impl Engine {
         session.storage_synced.store(true, Ordering::SeqCst);
         drop(layers);
         Ok(session)
+    }
+
+    /// Removes unpacked layers no stored image uses from the running guest's data disk (after
+    /// `docker rmi`/`image prune`). Does nothing if no VM runs: the next boot does it.
+    pub async fn collect_guest_layers(&self) {
+        let Some(session) = self.machine.current().await else {
+            return;
+        };
+        let mut layers = session.layers.lock().await;
+        if session.storage_synced.load(Ordering::SeqCst) {
+            self.collect_layers_locked(&session, &mut layers).await;
+        }
+    }
+
+    /// Removes the layers in `layers` (the guest's, held locked) that no image uses. Keeps
+    /// everything if some container's image is gone from the store (its layers are still its
+    /// root) or the store cannot be read.
+    async fn collect_layers_locked(&self, session: &Arc<Session>, layers: &mut HashSet<String>) {
+        let store = Arc::clone(&self.images);
+        let Ok(images) = super::blocking_image(move || store.list()).await else {
+            return;
+        };
+        let image_ids: HashSet<&str> = images.iter().map(|i| i.id.as_str()).collect();
+        if self
+            .list()
+            .iter()
+            .any(|c| !image_ids.contains(c.record().image_id.as_str()))
+        {
+            return;
+        }
+        let used: HashSet<&str> = images
+            .iter()
+            .flat_map(|i| i.layers.iter().map(|l| l.chain_id.as_str()))
+            .collect();
+        let unused: Vec<String> = layers
+            .iter()
+            .filter(|chain| !used.contains(chain.as_str()))
+            .cloned()
+            .collect();
+        if unused.is_empty() {
+            return;
+        }
+        let root = session.storage_root().join("layers");
+        let dirs: Vec<PathBuf> = unused
+            .iter()
+            .map(|chain| root.join(chain.strip_prefix("sha256:").unwrap_or(chain)))
+            .collect();
+        match session.call(move |a| a.remove_dirs(dirs)).await {
+            Ok(()) => {
+                info!(count = unused.len(), "removed unused layers from the guest");
+                for chain in &unused {
+                    layers.remove(chain);
+                }
+            }
+            Err(e) => warn!(error = %describe(&e), "cannot remove unused layers in the guest"),
+        }
     }
 
     /// Completes a new container's mounts before it is stored: names anonymous volumes,
@@ -376,9 +433,22 @@ impl Engine {
         }
     }
 
-    /// Space used in the guest by layers, writable layers and volumes (booting the VM, as
-    /// `docker system df` needs the guest to answer), and the data disk's size on the host.
+    /// Space used in the guest by layers, writable layers and volumes, and the data disk's
+    /// size on the host. Sizes in the guest are measured only while a VM runs (a `df` does not
+    /// boot one); otherwise the maps are empty.
     pub async fn disk_usage(&self) -> Result<DiskUsage, EngineError> {
+        let disk_allocated = self
+            .config
+            .vm
+            .data_disk
+            .as_ref()
+            .and_then(|d| d.allocated_bytes().ok());
+        if self.machine.current().await.is_none() {
+            return Ok(DiskUsage {
+                disk_allocated,
+                ..DiskUsage::default()
+            });
+        }
         let session = self.storage_session().await?;
         let root = session.storage_root().to_owned();
         let listing = session.call(|a| a.list_storage()).await?;
@@ -408,12 +478,7 @@ impl Engine {
         for name in listing.volumes {
             usage.volumes.insert(name, sizes.next().unwrap_or(0));
         }
-        usage.disk_allocated = self
-            .config
-            .vm
-            .data_disk
-            .as_ref()
-            .and_then(|d| d.allocated_bytes().ok());
+        usage.disk_allocated = disk_allocated;
         Ok(usage)
     }
 
