@@ -83,6 +83,31 @@ pub enum BenchCommand {
         #[arg(long)]
         record: Option<PathBuf>,
     },
+    /// Sequential write/read and small-file create/stat/remove on a bind mount in a container,
+    /// against the same commands natively on the host directory, through a fresh berthd.
+    Fs {
+        /// MiB written and read sequentially.
+        #[arg(long, default_value_t = 1024)]
+        size_mib: u64,
+        /// Small files created, stat-ed and removed.
+        #[arg(long, default_value_t = 10_000)]
+        files: u64,
+        /// The busybox image as a docker-archive (`tests/images/make-busybox.sh` writes one).
+        #[arg(long)]
+        archive: PathBuf,
+        /// The berthd binary; by default the one beside this `berth`.
+        #[arg(long)]
+        berthd: Option<PathBuf>,
+        /// The docker CLI.
+        #[arg(long, default_value = "/usr/local/bin/docker")]
+        docker: PathBuf,
+        /// The static busybox the native side runs.
+        #[arg(long, default_value = "/bin/busybox")]
+        busybox: PathBuf,
+        /// Replace the `fs` section of this markdown file with the results.
+        #[arg(long)]
+        record: Option<PathBuf>,
+    },
 }
 
 pub fn run(command: BenchCommand) -> anyhow::Result<()> {
@@ -121,19 +146,42 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
             };
             bench_run(runs, &archive, &tools, record.as_deref())
         }
+        BenchCommand::Fs {
+            size_mib,
+            files,
+            archive,
+            berthd,
+            docker,
+            busybox,
+            record,
+        } => {
+            let berthd = match berthd {
+                Some(path) => path,
+                None => std::env::current_exe()
+                    .context("locating berth")?
+                    .with_file_name("berthd"),
+            };
+            let tools = RunTools {
+                berthd,
+                docker,
+                busybox,
+            };
+            let config = crate::bench_fs::FsBenchConfig { size_mib, files };
+            crate::bench_fs::run(&config, &archive, &tools, record.as_deref())
+        }
     }
 }
 
 /// The programs `bench run` drives.
 #[derive(Debug)]
-struct RunTools {
-    berthd: PathBuf,
-    docker: PathBuf,
-    busybox: PathBuf,
+pub(crate) struct RunTools {
+    pub(crate) berthd: PathBuf,
+    pub(crate) docker: PathBuf,
+    pub(crate) busybox: PathBuf,
 }
 
 /// A berthd started for a benchmark, stopped (VM included) when dropped.
-struct BenchDaemon {
+pub(crate) struct BenchDaemon {
     child: std::process::Child,
     socket: PathBuf,
 }
@@ -154,7 +202,7 @@ impl Drop for BenchDaemon {
     }
 }
 
-fn docker(tools: &RunTools, socket: &Path, args: &[&str]) -> anyhow::Result<String> {
+pub(crate) fn docker(tools: &RunTools, socket: &Path, args: &[&str]) -> anyhow::Result<String> {
     let output = Command::new(&tools.docker)
         .args(args)
         .env("DOCKER_HOST", format!("unix://{}", socket.display()))
@@ -249,7 +297,11 @@ fn bench_run(
     Ok(())
 }
 
-fn start_daemon(tools: &RunTools, dir: &Path, log: &fs::File) -> anyhow::Result<BenchDaemon> {
+pub(crate) fn start_daemon(
+    tools: &RunTools,
+    dir: &Path,
+    log: &fs::File,
+) -> anyhow::Result<BenchDaemon> {
     let socket = dir.join("docker.sock");
     let child = Command::new(&tools.berthd)
         .env("BERTH_SOCKET", &socket)
