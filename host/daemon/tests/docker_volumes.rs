@@ -557,3 +557,22 @@ fn system_df_reports_guest_sizes_and_rmi_removes_unused_guest_layers() {
         "{log}"
     );
 }
+
+#[test]
+fn run_rm_removes_anonymous_volumes_but_keeps_named_ones() {
+    let daemon = daemon_or_skip!();
+    daemon.load_busybox();
+
+    daemon.docker_ok(&[
+        "run",
+        "--rm",
+        "-v",
+        "/anon",
+        "-v",
+        "named:/named",
+        "busybox",
+        "true",
+    ]);
+
+    assert_eq!(daemon.docker_ok(&["volume", "ls", "-q"]), "named\n");
+}

@@ -745,6 +745,9 @@ impl Engine {
         if record.spec.host.auto_remove {
             let _lifecycle = container.lifecycle.lock().await;
             self.remove_locked(&container).await;
+            // As dockerd: `--rm` also removes the container's anonymous volumes.
+            self.remove_anonymous_volumes(&record.spec.host.mounts)
+                .await;
             return;
         }
         let policy = &record.spec.host.restart_policy;

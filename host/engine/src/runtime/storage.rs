@@ -96,7 +96,11 @@ impl Engine {
         self.collect_layers_locked(&session, &mut layers).await;
         let shares = binds::guest_shares(&self.config.vm.shares);
         if !shares.is_empty() {
-            session.call(move |a| a.mount_shares(shares)).await?;
+            // Not fatal: containers without bind mounts still run; one with a bind then fails
+            // to start, naming its missing source.
+            if let Err(e) = session.call(move |a| a.mount_shares(shares)).await {
+                warn!(error = %describe(&e), "cannot mount the host's shares in the guest");
+            }
         }
         session.storage_synced.store(true, Ordering::SeqCst);
         drop(layers);
