@@ -576,3 +576,20 @@ fn run_rm_removes_anonymous_volumes_but_keeps_named_ones() {
 
     assert_eq!(daemon.docker_ok(&["volume", "ls", "-q"]), "named\n");
 }
+
+#[test]
+fn run_rm_that_cannot_start_leaves_no_container_and_no_anonymous_volume() {
+    let daemon = daemon_or_skip!();
+    daemon.load_busybox();
+
+    let started = std::time::Instant::now();
+    let failed = daemon.docker(&["run", "--rm", "-v", "/anon", "busybox", "/no/such/program"]);
+
+    assert!(!failed.status.success());
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(60),
+        "docker run waited for a removal that never came"
+    );
+    assert_eq!(daemon.docker_ok(&["ps", "-aq"]), "");
+    assert_eq!(daemon.docker_ok(&["volume", "ls", "-q"]), "");
+}

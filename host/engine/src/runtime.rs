@@ -466,7 +466,15 @@ impl Engine {
         container
             .update(|r| r.stopped_by_user = false)
             .map_err(|e| EngineError::Io("store the container", e))?;
-        self.launch(&container).await
+        let launched = self.launch(&container).await;
+        if launched.is_err() && container.record().spec.host.auto_remove {
+            // As dockerd: a `--rm` container that cannot start is removed, so a client
+            // waiting for its removal (`docker run --rm`) is not left waiting.
+            self.remove_locked(&container).await;
+            self.remove_anonymous_volumes(&container.record().spec.host.mounts)
+                .await;
+        }
+        launched
     }
 
     /// Creates the container in the guest and starts it; on failure the container is left
