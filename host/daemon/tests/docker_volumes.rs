@@ -593,3 +593,28 @@ fn run_rm_that_cannot_start_leaves_no_container_and_no_anonymous_volume() {
     assert_eq!(daemon.docker_ok(&["ps", "-aq"]), "");
     assert_eq!(daemon.docker_ok(&["volume", "ls", "-q"]), "");
 }
+
+#[test]
+fn system_prune_with_volumes_reclaims_unused_volumes_and_layers() {
+    let daemon = daemon_or_skip!();
+    daemon.load_busybox();
+    // As with dockerd (API 1.42+), only anonymous volumes go; named ones stay.
+    daemon.docker_ok(&[
+        "run",
+        "--name",
+        "gone",
+        "-v",
+        "/junk",
+        "-v",
+        "kept:/kept",
+        "busybox",
+        "true",
+    ]);
+
+    let pruned = daemon.docker(&["system", "prune", "--all", "--volumes", "--force"]);
+
+    assert!(pruned.status.success(), "{}", text(&pruned.stderr));
+    assert_eq!(daemon.docker_ok(&["ps", "-aq"]), "");
+    assert_eq!(daemon.docker_ok(&["volume", "ls", "-q"]), "kept\n");
+    assert_eq!(daemon.docker_ok(&["images", "-q"]), "");
+}

@@ -135,6 +135,17 @@ async fn dispatch(
         (&M::GET, ["exec", id, "json"]) => exec::inspect(&engine, id),
 
         (&M::POST, ["volumes", "create"]) => volumes::create(&engine, request).await,
+        // `docker system prune` asks for these too. This Berth has no user-defined networks
+        // and no build cache, so there is nothing to delete (true answers, not placeholders:
+        // replace them when networks or a builder arrive).
+        (&M::POST, ["networks", "prune"]) => Ok(body::json(
+            StatusCode::OK,
+            &serde_json::json!({ "NetworksDeleted": [] }),
+        )),
+        (&M::POST, ["build", "prune"]) => Ok(body::json(
+            StatusCode::OK,
+            &serde_json::json!({ "CachesDeleted": [], "SpaceReclaimed": 0 }),
+        )),
         (&M::POST, ["volumes", "prune"]) => volumes::prune(&engine, &query).await,
         (&M::GET, ["volumes"]) => volumes::list(&engine, &query),
         (&M::GET, ["volumes", name]) => volumes::inspect(&engine, name),
