@@ -93,10 +93,15 @@ fn shares(requested: &[PathBuf], owner: (u32, u32)) -> Vec<VmShare> {
         .into_iter()
         .chain([std::env::temp_dir()])
         .collect();
+    let requested: Vec<PathBuf> = requested
+        .iter()
+        .filter(|dir| !dir.as_os_str().is_empty())
+        .cloned()
+        .collect();
     let wanted = if requested.is_empty() {
         &defaults
     } else {
-        requested
+        &requested
     };
     let mut roots: Vec<PathBuf> = Vec::new();
     for dir in wanted {

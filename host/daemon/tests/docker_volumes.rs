@@ -618,3 +618,16 @@ fn system_prune_with_volumes_reclaims_unused_volumes_and_layers() {
     assert_eq!(daemon.docker_ok(&["volume", "ls", "-q"]), "kept\n");
     assert_eq!(daemon.docker_ok(&["images", "-q"]), "");
 }
+
+#[test]
+fn bind_mount_missing_v_source_is_created_as_dockerd_does() {
+    let daemon = daemon_or_skip!();
+    daemon.load_busybox();
+    let dir = shared_scratch();
+    let fresh = dir.path().join("fresh/sub");
+    let bind = format!("{}:/x", fresh.display());
+
+    daemon.docker_ok(&["run", "--rm", "-v", &bind, "busybox", "touch", "/x/made"]);
+
+    assert!(fresh.join("made").is_file());
+}

@@ -33,6 +33,45 @@ pub fn guest_shares(shares: &[VmShare]) -> Vec<Share> {
         .collect()
 }
 
+/// Creates a missing `-v` bind source directory (with its parents) as dockerd does, owned by
+/// the share's owner, but only under a shared root: outside one, nothing is created and
+/// [`resolve_source`] refuses the path.
+pub fn create_missing_source(source: &str, shares: &[VmShare]) -> Result<(), BindError> {
+    let cleaned = clean(Path::new(source));
+    let Some(share) = shares.iter().find(|s| cleaned.starts_with(&s.host_dir)) else {
+        return Ok(());
+    };
+    if std::fs::symlink_metadata(&cleaned).is_ok() {
+        return Ok(());
+    }
+    // The first missing ancestor: everything from it down is ours to create and chown.
+    let mut first_new = cleaned.clone();
+    while let Some(parent) = first_new.parent() {
+        if parent.exists() || parent == share.host_dir {
+            break;
+        }
+        first_new = parent.to_path_buf();
+    }
+    std::fs::create_dir_all(&cleaned).map_err(|source| BindError::Io {
+        path: cleaned.display().to_string(),
+        source,
+    })?;
+    let (uid, gid) = share.owner;
+    let mut dir = cleaned.clone();
+    loop {
+        // Best effort: an unprivileged berthd creates them as its own user anyway.
+        let _ = std::os::unix::fs::chown(&dir, Some(uid), Some(gid));
+        if dir == first_new {
+            break;
+        }
+        match dir.parent() {
+            Some(parent) => dir = parent.to_path_buf(),
+            None => break,
+        }
+    }
+    Ok(())
+}
+
 /// The guest path of a host path inside a share, or `None` outside every share. The path is
 /// taken as it is (the watcher reports canonical paths under canonical share roots).
 pub fn guest_path(host: &Path, shares: &[VmShare]) -> Option<PathBuf> {
@@ -182,6 +221,29 @@ mod tests {
             resolve_source(&dir.path().join("out").display().to_string(), &shares).unwrap_err();
 
         assert!(matches!(error, BindError::NotShared { .. }), "{error}");
+    }
+
+    #[test]
+    fn create_missing_source_inside_share_creates_the_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let shares = [share(dir.path())];
+        let wanted = shares[0].host_dir.join("new/deeper");
+
+        create_missing_source(&wanted.display().to_string(), &shares).unwrap();
+
+        assert!(wanted.is_dir());
+    }
+
+    #[test]
+    fn create_missing_source_outside_shares_creates_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let other = tempfile::tempdir().unwrap();
+        let shares = [share(dir.path())];
+        let outside = other.path().join("not-created");
+
+        create_missing_source(&outside.display().to_string(), &shares).unwrap();
+
+        assert!(!outside.exists());
     }
 
     #[test]

@@ -42,6 +42,10 @@ pub struct MountPoint {
     /// For a volume: do not fill a fresh volume with the image's content.
     #[serde(default)]
     pub no_copy: bool,
+    /// For a bind from `-v`: create a missing source directory, as dockerd does (a
+    /// `--mount` bind of a missing source is an error instead).
+    #[serde(default)]
+    pub create_source: bool,
 }
 
 /// `HostConfig.Mounts[]` as the API sends it (the fields Berth reads).
@@ -144,6 +148,7 @@ pub fn parse_bind(spec: &str) -> Result<MountPoint, MountSpecError> {
         destination: destination.to_owned(),
         read_only,
         no_copy,
+        create_source: kind == MountKind::Bind,
     })
 }
 
@@ -185,6 +190,7 @@ pub fn parse_mount(body: &MountBody) -> Result<MountPoint, MountSpecError> {
             .volume_options
             .as_ref()
             .is_some_and(|options| options.no_copy),
+        create_source: false,
     })
 }
 

@@ -219,6 +219,7 @@ impl Engine {
                     destination,
                     read_only: false,
                     no_copy: false,
+                    create_source: false,
                 });
             }
         }
@@ -233,6 +234,9 @@ impl Engine {
                     self.volumes.create(&mount.source, BTreeMap::new())?;
                 }
                 MountKind::Bind => {
+                    if mount.create_source {
+                        binds::create_missing_source(&mount.source, &self.config.vm.shares)?;
+                    }
                     binds::resolve_source(&mount.source, &self.config.vm.shares)?;
                 }
             }
