@@ -631,3 +631,35 @@ fn bind_mount_missing_v_source_is_created_as_dockerd_does() {
 
     assert!(fresh.join("made").is_file());
 }
+
+#[test]
+fn volume_removed_while_the_vm_is_down_comes_back_empty_under_the_same_name() {
+    let mut daemon = daemon_or_skip!();
+    daemon.load_busybox();
+    daemon.docker_ok(&[
+        "run",
+        "--rm",
+        "-v",
+        "reused:/data",
+        "busybox",
+        "sh",
+        "-c",
+        "echo old > /data/f",
+    ]);
+    // A fresh berthd has no VM running yet.
+    daemon.restart();
+
+    daemon.docker_ok(&["volume", "rm", "reused"]);
+    let listed = daemon.docker_ok(&[
+        "run",
+        "--rm",
+        "-v",
+        "reused:/data",
+        "busybox",
+        "ls",
+        "-A",
+        "/data",
+    ]);
+
+    assert_eq!(listed, "");
+}

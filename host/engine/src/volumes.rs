@@ -2,8 +2,9 @@
 //!
 //! A volume is a record (`<data>/volumes/<name>.json`) and a directory in the guest
 //! (`<storage>/volumes/<name>/_data`), created when a container using it starts. Removing a
-//! volume removes its record at once and its data in the guest when the VM runs, else at the
-//! next boot (the engine removes guest volume directories no record names).
+//! volume removes its record and then its data in the guest (booting the VM if needed, so a
+//! volume created again under the same name starts empty); data a failed removal left behind
+//! goes at the next boot (the engine removes guest volume directories no record names).
 
 use std::collections::BTreeMap;
 use std::fs;

@@ -408,14 +408,19 @@ impl Engine {
         self.remove_volume_data(&names).await;
     }
 
-    /// Removes volumes' data in the guest if the VM runs; otherwise the next boot's
-    /// reconciliation does.
+    /// Removes volumes' data in the guest, booting the VM if none runs: a volume created
+    /// later under the same name must start empty. If that fails, the next boot's
+    /// reconciliation removes the data of volumes without a record.
     async fn remove_volume_data(&self, names: &[String]) {
         if names.is_empty() {
             return;
         }
-        let Some(session) = self.machine.current().await else {
-            return;
+        let session = match self.storage_session().await {
+            Ok(session) => session,
+            Err(e) => {
+                warn!(error = %e, "cannot reach the guest to remove volume data; the next boot will");
+                return;
+            }
         };
         let root = session.storage_root().to_owned();
         let dirs: Vec<PathBuf> = names.iter().map(|n| guest_volume_dir(&root, n)).collect();
