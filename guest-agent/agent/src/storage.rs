@@ -27,8 +27,6 @@ use thiserror::Error;
 pub const DATA_DISK: &str = "/dev/vda";
 /// How long the agent waits for the disk's device node to appear at boot.
 const DISK_WAIT: Duration = Duration::from_secs(3);
-/// `statfs` magic of tmpfs: a storage root there does not outlive the VM.
-const TMPFS_MAGIC: i64 = 0x0102_1994;
 /// Where read-only views of an image's layers are mounted for copy-up.
 const COPY_UP_DIR: &str = "/run/berth/copy-up";
 /// Shares are mounted below this directory only.
@@ -174,8 +172,7 @@ fn disk_space(root: &Path) -> Result<DiskSpace, StorageError> {
     Ok(DiskSpace {
         total_bytes: vfs.blocks().saturating_mul(fragment),
         available_bytes: vfs.blocks_available().saturating_mul(fragment),
-        #[allow(clippy::unnecessary_cast, clippy::useless_conversion)]
-        persistent: i64::from(stat.filesystem_type().0 as i64) != TMPFS_MAGIC,
+        persistent: stat.filesystem_type() != nix::sys::statfs::TMPFS_MAGIC,
     })
 }
 
