@@ -602,6 +602,14 @@ impl Engine {
         session: &Arc<Session>,
         image: &Image,
     ) -> Result<Vec<PathBuf>, EngineError> {
+        if !session
+            .storage_synced
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            // The data disk may hold layers from an earlier boot: learn them before uploading
+            // (an unpack into an existing layer directory is refused).
+            self.storage_session().await?;
+        }
         let layers_root = session.storage_root().join("layers");
         let mut present = session.layers.lock().await;
         let mut dirs = Vec::with_capacity(image.layers.len());
