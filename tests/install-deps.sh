@@ -20,6 +20,10 @@ packages=(
   curl bsdutils
   # The anchor of `berth bench container`.
   crun
+  # The guest's data disk is formatted on the host (mkfs.ext4).
+  e2fsprogs
+  # virtiofsd (bind mounts) builds against these.
+  libcap-ng-dev libseccomp-dev
 )
 
 missing=()
@@ -42,4 +46,11 @@ if ! python3 -c 'import docker' 2>/dev/null; then
   python3 -m pip install --quiet docker 2>/dev/null ||
     python3 -m pip install --quiet --break-system-packages docker 2>/dev/null ||
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-docker >/dev/null
+fi
+
+# virtiofsd, the virtio-fs device for bind mounts under the qemu backend (crates.io; Debian 12
+# does not package it). Built once into cargo's bin directory, where berthd finds it.
+if ! command -v virtiofsd >/dev/null 2>&1 && [[ ! -x ${CARGO_HOME:-$HOME/.cargo}/bin/virtiofsd ]]; then
+  echo "install-deps: cargo install virtiofsd" >&2
+  cargo install --quiet --locked virtiofsd
 fi

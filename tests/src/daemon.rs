@@ -26,12 +26,18 @@ pub struct TestDaemon {
     /// Scratch space: socket, data, VM state, log.
     pub dir: tempfile::TempDir,
     child: Option<Child>,
+    env: Vec<(String, String)>,
     _lock: MutexGuard<'static, ()>,
 }
 
 impl TestDaemon {
     /// Starts `berthd` (the binary at `berthd`) or says why it cannot run here.
     pub fn start(berthd: &Path) -> Result<Self, String> {
+        Self::start_with_env(berthd, &[])
+    }
+
+    /// Starts `berthd` with extra environment variables (its flags' `BERTH_*` forms).
+    pub fn start_with_env(berthd: &Path, env: &[(&str, &str)]) -> Result<Self, String> {
         TestVm::assets_available()?;
         if !Path::new(DOCKER).is_file() {
             return Err(format!("the docker CLI is not at {DOCKER}"));
@@ -45,6 +51,10 @@ impl TestDaemon {
             berthd: berthd.to_owned(),
             dir,
             child: None,
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
             _lock: lock,
         };
         daemon.spawn()?;
@@ -78,6 +88,7 @@ impl TestDaemon {
             .env("BERTH_VM_DIR", self.dir.path().join("vm"))
             .env("BERTH_ASSETS_DIR", TestVm::assets_dir())
             .env("BERTH_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .args(["--memory", "1024"])
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|e| e.to_string())?)

@@ -104,6 +104,8 @@ impl TestVm {
             state_dir: self.state_dir(),
             boot_timeout: Duration::from_secs(120),
             extra_cmdline: Vec::new(),
+            data_disk: None,
+            shares: Vec::new(),
         }
     }
 

@@ -653,6 +653,9 @@ impl Containers {
                 return Err(e.into());
             }
         };
+        // The storage root is a persistent disk: the layer's files must be on it before its
+        // name says it is complete, or a VM killed now would leave a layer of empty files.
+        sync_filesystem(&partial)?;
         fs::rename(&partial, &request.dir).map_err(|source| ContainersError::State {
             op: "rename into place",
             path: request.dir.clone(),
@@ -854,6 +857,18 @@ fn unpacked(summary: berth_container::unpack::UnpackSummary) -> UnpackedLayer {
         entries: summary.entries,
         bytes: summary.bytes,
     }
+}
+
+/// Flushes the filesystem holding `path` (`syncfs`).
+fn sync_filesystem(path: &Path) -> Result<(), ContainersError> {
+    let state = |source| ContainersError::State {
+        op: "sync the filesystem of",
+        path: path.to_owned(),
+        source,
+    };
+    let dir = File::open(path).map_err(state)?;
+    nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&dir))
+        .map_err(|e| state(io::Error::from(e)))
 }
 
 fn remove_dir_if_present(path: &Path) -> Result<(), ContainersError> {

@@ -8,9 +8,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use agent_protocol::{
-    negotiate_version, AgentError, AgentErrorKind, ContainerPath, ContainerRef, CreateContainer,
-    DiffLayer, ExecProcess, ExecRef, Hello, HelloAck, ProcessRef, ReadArchive, ResizePty, Response,
-    SignalProcess, StorageDirs, UnpackLayer, WriteArchive, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    negotiate_version, AgentError, AgentErrorKind, ContainerPath, ContainerRef, CopyUp,
+    CreateContainer, DiffLayer, ExecProcess, ExecRef, FileChanges, Hello, HelloAck, ProcessRef,
+    ReadArchive, ResizePty, Response, Shares, SignalProcess, StorageDirs, UnpackLayer,
+    WriteArchive, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use berth_container::archive::ArchiveError;
 use berth_container::unpack::UnpackError;
@@ -18,6 +19,7 @@ use berth_container::ContainerError;
 
 use crate::containers::{Containers, ContainersConfig, ContainersError};
 use crate::log::{console, Chain};
+use crate::storage::{self, StorageError};
 use crate::{clock, sysinfo, Mode};
 
 /// The agent's build version, reported in the handshake and in system info.
@@ -369,6 +371,58 @@ pub fn diff_layer(context: &AgentContext, request: &DiffLayer) -> Result<Respons
         .do_diff_layer(request)
         .map(|()| Response::Done)
         .map_err(|e| container_error(&e))
+}
+
+/// `ListStorage`.
+pub fn list_storage(context: &AgentContext) -> Result<Response, AgentError> {
+    storage::do_list_storage(context.containers.storage_root())
+        .map(Response::Storage)
+        .map_err(|e| storage_error(&e))
+}
+
+/// `MeasureDirs`.
+pub fn measure_dirs(context: &AgentContext, request: &StorageDirs) -> Result<Response, AgentError> {
+    storage::do_measure_dirs(context.containers.storage_root(), &request.paths)
+        .map(Response::Sizes)
+        .map_err(|e| storage_error(&e))
+}
+
+/// `TrimStorage`.
+pub fn trim_storage(context: &AgentContext) -> Result<Response, AgentError> {
+    storage::do_trim(context.containers.storage_root())
+        .map(|_| Response::Done)
+        .map_err(|e| storage_error(&e))
+}
+
+/// `MountShares`.
+pub fn mount_shares(request: &Shares) -> Result<Response, AgentError> {
+    storage::do_mount_shares(&request.shares)
+        .map(|()| Response::Done)
+        .map_err(|e| storage_error(&e))
+}
+
+/// `CopyUp`.
+pub fn copy_up(context: &AgentContext, request: &CopyUp) -> Result<Response, AgentError> {
+    storage::do_copy_up(context.containers.storage_root(), request)
+        .map(|()| Response::Done)
+        .map_err(|e| storage_error(&e))
+}
+
+/// `Notify`.
+pub fn notify(request: &FileChanges) -> Result<Response, AgentError> {
+    storage::do_notify(&request.paths)
+        .map(|()| Response::Done)
+        .map_err(|e| storage_error(&e))
+}
+
+/// Maps a storage error onto the wire: bad paths are the caller's fault.
+fn storage_error(error: &StorageError) -> AgentError {
+    let kind = if error.is_invalid_argument() {
+        AgentErrorKind::InvalidArgument
+    } else {
+        AgentErrorKind::Internal
+    };
+    AgentError::new(kind, Chain(error).to_string())
 }
 
 /// Maps a container failure onto the wire: what the host named wrongly, what conflicts with

@@ -29,6 +29,7 @@ pub mod reaper;
 pub mod rootfs;
 pub mod server;
 pub mod session;
+pub mod storage;
 pub mod streams;
 pub mod sysinfo;
 
@@ -91,6 +92,11 @@ fn run_pid1() -> ! {
         );
     }
     init::early_init();
+    match storage::mount_data_disk(Path::new(PID1_STORAGE_ROOT)) {
+        Ok(true) => console!("data disk {} on {PID1_STORAGE_ROOT}", storage::DATA_DISK),
+        Ok(false) => console!("no data disk: layers and containers live on the VM's tmpfs"),
+        Err(e) => console!("cannot mount the data disk, using tmpfs: {}", Chain(&e)),
+    }
     entropy::spawn_seeder();
     let containers = Arc::new(Containers::new(
         start_reaper(Mode::Pid1),
@@ -178,8 +184,8 @@ fn run_native() -> ExitCode {
 /// Where PID 1 keeps per-container state (a tmpfs: it dies with the VM, as containers do).
 const PID1_STATE_DIR: &str = "/run/berth/containers";
 
-/// Where PID 1 keeps layers and writable layers. On the root tmpfs until the data disk
-/// exists, so the host uploads layers again after every boot.
+/// Where PID 1 keeps layers, writable layers and volumes: the data disk's mount point (on the
+/// root tmpfs when the VM has no disk).
 const PID1_STORAGE_ROOT: &str = "/var/lib/berth";
 
 fn containers_config(

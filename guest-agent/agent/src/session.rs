@@ -274,6 +274,26 @@ impl Session<'_> {
                 handlers::diff_layer(self.context, &body),
                 Then::Continue,
             ),
+            (Some(_), Request::ListStorage) => {
+                Step::answer(id, handlers::list_storage(self.context), Then::Continue)
+            }
+            (Some(_), Request::MeasureDirs(body)) => Step::answer(
+                id,
+                handlers::measure_dirs(self.context, &body),
+                Then::Continue,
+            ),
+            (Some(_), Request::TrimStorage) => {
+                Step::answer(id, handlers::trim_storage(self.context), Then::Continue)
+            }
+            (Some(_), Request::MountShares(body)) => {
+                Step::answer(id, handlers::mount_shares(&body), Then::Continue)
+            }
+            (Some(_), Request::CopyUp(body)) => {
+                Step::answer(id, handlers::copy_up(self.context, &body), Then::Continue)
+            }
+            (Some(_), Request::Notify(body)) => {
+                Step::answer(id, handlers::notify(&body), Then::Continue)
+            }
             (Some(_), Request::Shutdown) => {
                 let result = handlers::shutdown();
                 let then = if result.is_ok() {
@@ -371,6 +391,12 @@ fn request_name(request: &Request) -> &'static str {
         Request::ReadArchive(_) => "ReadArchive",
         Request::WriteArchive(_) => "WriteArchive",
         Request::DiffLayer(_) => "DiffLayer",
+        Request::ListStorage => "ListStorage",
+        Request::MeasureDirs(_) => "MeasureDirs",
+        Request::TrimStorage => "TrimStorage",
+        Request::MountShares(_) => "MountShares",
+        Request::CopyUp(_) => "CopyUp",
+        Request::Notify(_) => "Notify",
     }
 }
 

@@ -15,6 +15,7 @@ pub mod container;
 pub mod defaults;
 pub mod frame;
 pub mod messages;
+pub mod storage;
 
 pub use archive::*;
 pub use container::*;
@@ -24,6 +25,7 @@ pub use frame::{
     MAX_FRAME_LEN,
 };
 pub use messages::*;
+pub use storage::*;
 
 /// The protocol version this build speaks. Bump it when a message changes meaning; adding an
 /// optional field or a new request does not need a bump.

@@ -13,6 +13,7 @@ use crate::container::{
     ContainerRef, ContainerStats, CreateContainer, ExecProcess, ExecRef, ExitInfo, ProcessRef,
     ResizePty, SignalProcess, StorageDirs, TopInfo, UnpackLayer, UnpackedLayer,
 };
+use crate::storage::{CopyUp, DirSizes, FileChanges, Shares, StorageListing};
 
 /// A request with the id its response will carry.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -92,6 +93,20 @@ pub enum Request {
     /// Write a container's writable layer as an image layer to a download stream, closed
     /// after the tar's last byte; answered with `Done`.
     DiffLayer(DiffLayer),
+    /// List layers, containers and volumes under the storage root, and the disk's space;
+    /// answered with `Storage`.
+    ListStorage,
+    /// Measure the space used below directories of the storage root; answered with `Sizes`.
+    MeasureDirs(StorageDirs),
+    /// Give the data disk's free blocks back to the host (`FITRIM`); answered with `Done`.
+    TrimStorage,
+    /// Mount the host's virtio-fs shares not mounted yet; answered with `Done`.
+    MountShares(Shares),
+    /// Fill an empty volume with the image's content at its mount point; answered with `Done`.
+    CopyUp(CopyUp),
+    /// Host files changed under a share: raise inotify events on them in the guest; answered
+    /// with `Done`.
+    Notify(FileChanges),
 }
 
 /// What the agent answers.
@@ -116,6 +131,10 @@ pub enum Response {
     Unpacked(UnpackedLayer),
     /// What a path is.
     PathStat(PathStat),
+    /// Answer to [`Request::ListStorage`].
+    Storage(StorageListing),
+    /// Answer to [`Request::MeasureDirs`].
+    Sizes(DirSizes),
 }
 
 /// The host's side of the handshake.

@@ -105,6 +105,31 @@ pub enum BenchCommand {
         #[arg(long)]
         record: Option<PathBuf>,
     },
+    /// Sequential write/read and small-file create/stat/remove on a bind mount in a container,
+    /// against the same commands natively on the host directory, through a fresh berthd.
+    Fs {
+        /// MiB written and read sequentially.
+        #[arg(long, default_value_t = 1024)]
+        size_mib: u64,
+        /// Small files created, stat-ed and removed.
+        #[arg(long, default_value_t = 10_000)]
+        files: u64,
+        /// The busybox image as a docker-archive (`tests/images/make-busybox.sh` writes one).
+        #[arg(long)]
+        archive: PathBuf,
+        /// The berthd binary; by default the one beside this `berth`.
+        #[arg(long)]
+        berthd: Option<PathBuf>,
+        /// The docker CLI.
+        #[arg(long, default_value = "/usr/local/bin/docker")]
+        docker: PathBuf,
+        /// The static busybox the native side runs.
+        #[arg(long, default_value = "/bin/busybox")]
+        busybox: PathBuf,
+        /// Replace the `fs` section of this markdown file with the results.
+        #[arg(long)]
+        record: Option<PathBuf>,
+    },
 }
 
 pub fn run(command: BenchCommand) -> anyhow::Result<()> {
@@ -163,6 +188,29 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
                 busybox,
             };
             crate::bench_build::run(runs, &archive, &tools, record.as_deref())
+        }
+        BenchCommand::Fs {
+            size_mib,
+            files,
+            archive,
+            berthd,
+            docker,
+            busybox,
+            record,
+        } => {
+            let berthd = match berthd {
+                Some(path) => path,
+                None => std::env::current_exe()
+                    .context("locating berth")?
+                    .with_file_name("berthd"),
+            };
+            let tools = RunTools {
+                berthd,
+                docker,
+                busybox,
+            };
+            let config = crate::bench_fs::FsBenchConfig { size_mib, files };
+            crate::bench_fs::run(&config, &archive, &tools, record.as_deref())
         }
     }
 }

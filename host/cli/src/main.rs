@@ -6,6 +6,7 @@
 mod bench;
 mod bench_build;
 mod bench_container;
+mod bench_fs;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -97,6 +98,8 @@ pub fn vm_config(size: &VmSizeArgs, state_dir: PathBuf) -> VmConfig {
         state_dir,
         boot_timeout: Duration::from_secs(size.boot_timeout),
         extra_cmdline: Vec::new(),
+        data_disk: None,
+        shares: Vec::new(),
     }
 }
 

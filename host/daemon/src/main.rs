@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use berth_engine::assets::{default_vm_dir, Assets};
+use berth_engine::vm::disk::DataDisk;
+use berth_engine::vm::VmShare;
 use berth_engine::{Engine, EngineConfig, VmConfig};
 use clap::Parser;
 use tokio::net::UnixListener;
@@ -41,6 +43,91 @@ struct Args {
     /// How long the guest may take to boot, in seconds.
     #[arg(long, default_value_t = 120)]
     boot_timeout: u64,
+    /// Size of a new guest data disk in GiB (`<data dir>/vm/data.raw`, sparse: it allocates
+    /// only what the guest stores). An existing disk keeps its size.
+    #[arg(long, env = "BERTH_DISK_SIZE", default_value_t = 64)]
+    disk_size: u64,
+    /// Host directories containers may bind-mount from (repeat the flag, or separate them
+    /// with `:` in BERTH_SHARES). Default: your home directory and the system temp directory.
+    #[arg(long = "share", env = "BERTH_SHARES", value_delimiter = ':')]
+    shares: Vec<PathBuf>,
+    /// `uid:gid` that owns what containers create in shared directories. Default: the user
+    /// who ran `sudo` (SUDO_UID/SUDO_GID) when berthd runs as root through sudo, else
+    /// berthd's own user.
+    #[arg(long, env = "BERTH_SHARE_OWNER")]
+    share_owner: Option<String>,
+}
+
+/// The owner of files containers create in shares (see `--share-owner`).
+fn share_owner(flag: Option<&str>) -> anyhow::Result<(u32, u32)> {
+    let parse = |text: &str| -> Option<(u32, u32)> {
+        let (uid, gid) = text.split_once(':')?;
+        Some((uid.parse().ok()?, gid.parse().ok()?))
+    };
+    if let Some(flag) = flag {
+        return parse(flag)
+            .with_context(|| format!("--share-owner {flag:?} is not uid:gid (numbers)"));
+    }
+    let sudo = std::env::var("SUDO_UID")
+        .ok()
+        .zip(std::env::var("SUDO_GID").ok())
+        .and_then(|(uid, gid)| parse(&format!("{uid}:{gid}")));
+    Ok(sudo
+        .filter(|_| nix_is_root())
+        .unwrap_or((uid(), nix::unistd::getgid().as_raw())))
+}
+
+/// The shared roots: the flag's, else home and the temp dir; canonical, existing, none inside
+/// another. Empty (with a warning) when `virtiofsd` cannot be found.
+fn shares(requested: &[PathBuf], owner: (u32, u32)) -> Vec<VmShare> {
+    let virtiofsd = berth_engine::vm::qemu::find_virtiofsd();
+    if !virtiofsd.is_file() {
+        tracing::warn!(
+            "virtiofsd not found (cargo install --locked virtiofsd, or set BERTH_VIRTIOFSD): \
+             bind mounts are unavailable"
+        );
+        return Vec::new();
+    }
+    let defaults: Vec<PathBuf> = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain([std::env::temp_dir()])
+        .collect();
+    let requested: Vec<PathBuf> = requested
+        .iter()
+        .filter(|dir| !dir.as_os_str().is_empty())
+        .cloned()
+        .collect();
+    let wanted = if requested.is_empty() {
+        &defaults
+    } else {
+        &requested
+    };
+    let mut roots: Vec<PathBuf> = Vec::new();
+    for dir in wanted {
+        match std::fs::canonicalize(dir) {
+            Ok(real) if real.is_dir() => roots.push(real),
+            _ => {
+                tracing::warn!(dir = %dir.display(), "not sharing a directory that does not exist")
+            }
+        }
+    }
+    roots.sort();
+    roots.dedup();
+    let outer: Vec<PathBuf> = roots
+        .iter()
+        .filter(|r| !roots.iter().any(|o| o != *r && r.starts_with(o)))
+        .cloned()
+        .collect();
+    outer
+        .into_iter()
+        .enumerate()
+        .map(|(i, host_dir)| VmShare {
+            tag: format!("share{i}"),
+            host_dir,
+            owner,
+        })
+        .collect()
 }
 
 /// `$XDG_RUNTIME_DIR/berth/docker.sock`, else `/run/berth/docker.sock` for root.
@@ -109,7 +196,15 @@ async fn main() -> anyhow::Result<()> {
         state_dir: args.vm_dir.unwrap_or_else(default_vm_dir),
         boot_timeout: Duration::from_secs(args.boot_timeout),
         extra_cmdline: Vec::new(),
+        data_disk: Some(DataDisk {
+            path: data_root.join("vm/data.raw"),
+            size_bytes: args.disk_size.saturating_mul(1 << 30),
+        }),
+        shares: shares(&args.shares, share_owner(args.share_owner.as_deref())?),
     };
+    for share in &vm.shares {
+        info!(dir = %share.host_dir.display(), tag = %share.tag, owner = ?share.owner, "sharing a host directory");
+    }
     vm.check_assets()
         .context("checking the VM's kernel and initramfs")?;
     let engine = Engine::open(EngineConfig {

@@ -101,6 +101,18 @@ pub async fn build(
     Ok(response)
 }
 
+/// `POST /build/prune`: forgets the build cache.
+pub async fn prune(engine: &Arc<Engine>) -> ApiResult<ApiResponse> {
+    let engine = Arc::clone(engine);
+    let dropped = tokio::task::spawn_blocking(move || engine.prune_build_cache())
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))??;
+    Ok(body::json(
+        hyper::StatusCode::OK,
+        &json!({ "CachesDeleted": dropped, "SpaceReclaimed": 0 }),
+    ))
+}
+
 /// A query parameter holding a JSON object of strings (`buildargs`, `labels`).
 fn json_map(query: &Query, key: &str) -> ApiResult<BTreeMap<String, String>> {
     match query.get(key).filter(|v| !v.is_empty()) {

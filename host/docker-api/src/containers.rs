@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use berth_engine::containers::io::StdinMessage;
 use berth_engine::containers::logs::{self, LogFilter, LogRecord, LogStream};
+use berth_engine::containers::mounts::{parse_bind, parse_mount, MountBody, MountKind, MountPoint};
 use berth_engine::containers::spec::{ContainerSpec, HostSpec, RestartPolicy};
 use berth_engine::containers::{ContainerRecord, Status, ZERO_TIME};
 use berth_engine::{Engine, WaitCondition};
@@ -101,14 +102,26 @@ fn container_spec(body: CreateBody) -> ApiResult<ContainerSpec> {
         ));
     }
     let host = body.host_config.unwrap_or_default();
-    let mut binds = host.binds.unwrap_or_default();
-    for mount in host.mounts.unwrap_or_default() {
-        binds.push(mount.to_string());
+    let binds = host.binds.unwrap_or_default();
+    let mut mounts = Vec::new();
+    for bind in &binds {
+        mounts.push(parse_bind(bind).map_err(|e| ApiError::bad_request(e.to_string()))?);
     }
-    if !host.volumes_from.unwrap_or_default().is_empty() {
-        return Err(ApiError::bad_request(
-            "--volumes-from needs volumes, which this Berth does not provide yet",
-        ));
+    for mount in host.mounts.unwrap_or_default() {
+        let body: MountBody = serde_json::from_value(mount)
+            .map_err(|e| ApiError::bad_request(format!("invalid mount: {e}")))?;
+        mounts.push(parse_mount(&body).map_err(|e| ApiError::bad_request(e.to_string()))?);
+    }
+    for (i, mount) in mounts.iter().enumerate() {
+        if mounts[..i]
+            .iter()
+            .any(|m| m.destination.trim_end_matches('/') == mount.destination.trim_end_matches('/'))
+        {
+            return Err(ApiError::bad_request(format!(
+                "Duplicate mount point: {}",
+                mount.destination
+            )));
+        }
     }
     if host
         .port_bindings
@@ -173,6 +186,8 @@ fn container_spec(body: CreateBody) -> ApiResult<ContainerSpec> {
             security_opt: host.security_opt.unwrap_or_default(),
             console_size,
             network_mode: host.network_mode,
+            mounts,
+            volumes_from: host.volumes_from.unwrap_or_default(),
         },
     })
 }
@@ -288,6 +303,29 @@ fn human_duration(seconds: i64) -> String {
     }
 }
 
+/// A container's mounts in the shape of inspect's and list's `Mounts`.
+pub fn mounts_json(mounts: &[MountPoint]) -> Vec<Value> {
+    mounts
+        .iter()
+        .map(|m| {
+            let mut value = json!({
+                "Type": m.kind.as_str(),
+                "Source": m.source,
+                "Destination": m.destination,
+                "Mode": if m.read_only { "ro" } else { "" },
+                "RW": !m.read_only,
+                "Propagation": if m.kind == MountKind::Bind { "rprivate" } else { "" },
+            });
+            if m.kind == MountKind::Volume {
+                value["Name"] = json!(m.source);
+                value["Driver"] = json!("local");
+                value["Source"] = json!(format!("/var/lib/berth/volumes/{}/_data", m.source));
+            }
+            value
+        })
+        .collect()
+}
+
 fn summary(record: &ContainerRecord) -> Value {
     json!({
         "Id": record.id,
@@ -302,7 +340,7 @@ fn summary(record: &ContainerRecord) -> Value {
         "Status": status_text(record),
         "HostConfig": { "NetworkMode": network_mode(record) },
         "NetworkSettings": { "Networks": {} },
-        "Mounts": [],
+        "Mounts": mounts_json(&record.spec.host.mounts),
     })
 }
 
@@ -386,9 +424,10 @@ pub fn inspect(engine: &Arc<Engine>, reference: &str) -> ApiResult<ApiResponse> 
             "ConsoleSize": spec.host.console_size.map_or([0, 0], |(r, c)| [r, c]),
             "LogConfig": { "Type": "berth", "Config": {} },
             "PortBindings": {},
+            "VolumesFrom": spec.host.volumes_from,
         },
         "GraphDriver": { "Name": "overlay2", "Data": {} },
-        "Mounts": [],
+        "Mounts": mounts_json(&spec.host.mounts),
         "Config": {
             "Hostname": hostname,
             "Domainname": spec.domainname,
@@ -470,7 +509,13 @@ pub async fn remove(
     reference: &str,
     query: &Query,
 ) -> ApiResult<ApiResponse> {
-    engine.remove(reference, query.flag("force", false)).await?;
+    engine
+        .remove_with_volumes(
+            reference,
+            query.flag("force", false),
+            query.flag("v", false),
+        )
+        .await?;
     Ok(body::empty(StatusCode::NO_CONTENT))
 }
 

@@ -291,6 +291,9 @@ pub async fn remove(engine: &Arc<Engine>, name: &str, query: &Query) -> ApiResul
             RemoveEvent::Deleted(d) => engine.events.emit("image", "delete", d.clone(), []),
         }
     }
+    if events.iter().any(|e| matches!(e, RemoveEvent::Deleted(_))) {
+        engine.collect_guest_layers().await;
+    }
     Ok(body::json(StatusCode::OK, &render_events(&events)))
 }
 
@@ -304,6 +307,10 @@ pub async fn prune(engine: &Arc<Engine>, query: &Query) -> ApiResult<ApiResponse
     let users_engine = Arc::clone(engine);
     let (events, reclaimed) =
         blocking(move || store.prune(all, &|id| users_engine.image_user(id))).await?;
+    if !events.is_empty() {
+        engine.collect_guest_layers().await;
+        engine.trim().await;
+    }
     Ok(body::json(
         StatusCode::OK,
         &json!({ "ImagesDeleted": render_events(&events), "SpaceReclaimed": reclaimed }),

@@ -20,6 +20,7 @@ pub mod images;
 pub mod query;
 pub mod router;
 pub mod system;
+pub mod volumes;
 
 use std::sync::Arc;
 

@@ -15,7 +15,7 @@ use crate::body::{self, ApiResponse};
 use crate::error::{ApiError, ApiResult};
 use crate::query::Query;
 use crate::{
-    archive, build, commit, containers, exec, images, system, API_VERSION, ENGINE_VERSION,
+    archive, build, commit, containers, exec, images, system, volumes, API_VERSION, ENGINE_VERSION,
     MIN_API_VERSION,
 };
 
@@ -143,6 +143,18 @@ async fn dispatch(
 
         (&M::POST, ["build"]) => build::build(&engine, &query, request).await,
         (&M::POST, ["commit"]) => commit::commit(&engine, &query).await,
+        (&M::POST, ["volumes", "create"]) => volumes::create(&engine, request).await,
+        // `docker system prune` asks for this too; without user-defined networks there is
+        // nothing to delete.
+        (&M::POST, ["networks", "prune"]) => Ok(body::json(
+            StatusCode::OK,
+            &serde_json::json!({ "NetworksDeleted": [] }),
+        )),
+        (&M::POST, ["build", "prune"]) => build::prune(&engine).await,
+        (&M::POST, ["volumes", "prune"]) => volumes::prune(&engine, &query).await,
+        (&M::GET, ["volumes"]) => volumes::list(&engine, &query),
+        (&M::GET, ["volumes", name]) => volumes::inspect(&engine, name),
+        (&M::DELETE, ["volumes", name]) => volumes::remove(&engine, name, &query).await,
         (&M::GET, ["images", "json"]) => images::list(&engine, &query).await,
         (&M::POST, ["images", "load"]) => images::load(&engine, request).await,
         (&M::POST, ["images", "create"]) => images::create(&engine, &query, request).await,

@@ -80,7 +80,7 @@ pub async fn info(engine: &Arc<Engine>) -> ApiResult<ApiResponse> {
         "Images": images.len(),
         "Driver": "overlay2",
         "DriverStatus": [["Backing Filesystem", "tmpfs"]],
-        "Plugins": { "Volume": [], "Network": ["none"], "Authorization": Value::Null, "Log": ["berth"] },
+        "Plugins": { "Volume": ["local"], "Network": ["none"], "Authorization": Value::Null, "Log": ["berth"] },
         "MemoryLimit": true,
         "SwapLimit": true,
         "CpuCfsPeriod": true,
@@ -215,6 +215,28 @@ pub async fn df(engine: &Arc<Engine>) -> ApiResult<ApiResponse> {
         .await
         .map_err(|e| ApiError::internal(e.to_string()))??;
     let records: Vec<_> = engine.list().iter().map(|c| c.record()).collect();
+    let usage = engine.disk_usage().await?;
+    let measured = !usage.volumes.is_empty() || !usage.layers.is_empty();
+    let size_of = |sizes: &std::collections::BTreeMap<String, u64>, key: &str| -> i64 {
+        match sizes.get(key) {
+            Some(&bytes) => i64::try_from(bytes).unwrap_or(i64::MAX),
+            None if measured => 0,
+            // Unknown while no VM runs, as dockerd reports an unmeasured size.
+            None => -1,
+        }
+    };
+    let volume_values: Vec<Value> = engine
+        .volumes
+        .list()
+        .iter()
+        .map(|volume| {
+            let users = engine.volume_users(&volume.name).len() as i64;
+            crate::volumes::volume_json(
+                volume,
+                Some((size_of(&usage.volumes, &volume.name), users)),
+            )
+        })
+        .collect();
     let layers_size: u64 = images.iter().map(|i| i.size).sum();
     let image_values: Vec<Value> = images
         .iter()
@@ -246,10 +268,10 @@ pub async fn df(engine: &Arc<Engine>) -> ApiResult<ApiResponse> {
                 "Created": unix_seconds(&r.created),
                 "State": r.state.status.as_str(),
                 "Status": r.state.status.as_str(),
-                "SizeRw": 0,
+                "SizeRw": size_of(&usage.containers, &r.id).max(0),
                 "SizeRootFs": 0,
                 "Labels": r.spec.labels,
-                "Mounts": [],
+                "Mounts": crate::containers::mounts_json(&r.spec.host.mounts),
             })
         })
         .collect();
@@ -259,7 +281,7 @@ pub async fn df(engine: &Arc<Engine>) -> ApiResult<ApiResponse> {
             "LayersSize": layers_size,
             "Images": image_values,
             "Containers": container_values,
-            "Volumes": [],
+            "Volumes": volume_values,
             "BuildCache": [],
         }),
     ))

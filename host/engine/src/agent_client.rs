@@ -18,11 +18,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use agent_protocol::{
     read_frame, stream_socket_path, write_frame, AgentError, ContainerPath, ContainerRef,
-    ContainerStats, CreateContainer, DiffLayer, ExecProcess, ExecRef, ExitInfo, FrameError, Hello,
-    HelloAck, PathStat, ProcessRef, ReadArchive, ReadyNotice, Request, RequestEnvelope, ResizePty,
-    Response, ResponseEnvelope, SignalProcess, StorageDirs, StreamAccept, StreamHeader, SystemInfo,
-    TopInfo, UnpackLayer, UnpackedLayer, WriteArchive, CONTROL_PORT, MIN_PROTOCOL_VERSION,
-    PROTOCOL_VERSION, STREAM_PORT,
+    ContainerStats, CopyUp, CreateContainer, DiffLayer, ExecProcess, ExecRef, ExitInfo,
+    FileChanges, FrameError, Hello, HelloAck, PathStat, ProcessRef, ReadArchive, ReadyNotice,
+    Request, RequestEnvelope, ResizePty, Response, ResponseEnvelope, Share, Shares, SignalProcess,
+    StorageDirs, StorageListing, StreamAccept, StreamHeader, SystemInfo, TopInfo, UnpackLayer,
+    UnpackedLayer, WriteArchive, CONTROL_PORT, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, STREAM_PORT,
 };
 use thiserror::Error;
 
@@ -453,6 +453,49 @@ impl AgentClient {
     /// Removes directories and their contents under the agent's storage root.
     pub fn remove_dirs(&mut self, paths: Vec<PathBuf>) -> Result<(), AgentClientError> {
         self.call_done(Request::RemoveDirs(StorageDirs { paths }), "RemoveDirs")
+    }
+
+    /// What the guest's storage root holds, and the space on its disk.
+    pub fn list_storage(&mut self) -> Result<StorageListing, AgentClientError> {
+        match self.call(Request::ListStorage)? {
+            Response::Storage(listing) => Ok(listing),
+            _ => Err(AgentClientError::UnexpectedResponse("ListStorage")),
+        }
+    }
+
+    /// The allocated bytes below each of `paths` (under the storage root), in order. Walks
+    /// whole trees, so it gets no read timeout.
+    pub fn measure_dirs(&mut self, paths: Vec<PathBuf>) -> Result<Vec<u64>, AgentClientError> {
+        match self.call_unbounded(Request::MeasureDirs(StorageDirs { paths }))? {
+            Response::Sizes(sizes) => Ok(sizes.bytes),
+            _ => Err(AgentClientError::UnexpectedResponse("MeasureDirs")),
+        }
+    }
+
+    /// Returns the data disk's free blocks to the host.
+    pub fn trim_storage(&mut self) -> Result<(), AgentClientError> {
+        match self.call_unbounded(Request::TrimStorage)? {
+            Response::Done => Ok(()),
+            _ => Err(AgentClientError::UnexpectedResponse("TrimStorage")),
+        }
+    }
+
+    /// Mounts the host's virtio-fs shares in the guest (those not mounted yet).
+    pub fn mount_shares(&mut self, shares: Vec<Share>) -> Result<(), AgentClientError> {
+        self.call_done(Request::MountShares(Shares { shares }), "MountShares")
+    }
+
+    /// Fills an empty volume with the image's content at the path it is mounted on.
+    pub fn copy_up(&mut self, request: CopyUp) -> Result<(), AgentClientError> {
+        match self.call_unbounded(Request::CopyUp(request))? {
+            Response::Done => Ok(()),
+            _ => Err(AgentClientError::UnexpectedResponse("CopyUp")),
+        }
+    }
+
+    /// Tells the agent which files under its shares changed on the host.
+    pub fn notify(&mut self, paths: Vec<PathBuf>) -> Result<(), AgentClientError> {
+        self.call_done(Request::Notify(FileChanges { paths }), "Notify")
     }
 
     fn call_done(&mut self, request: Request, name: &'static str) -> Result<(), AgentClientError> {

@@ -4,6 +4,7 @@
 pub mod agent_client;
 pub mod archive;
 pub mod assets;
+pub mod binds;
 pub mod build;
 pub mod commit;
 pub mod containers;
@@ -16,6 +17,8 @@ pub mod machine;
 pub mod runtime;
 pub(crate) mod sync;
 pub mod vm;
+pub mod volumes;
+pub mod watch;
 
 pub use agent_client::{AgentClient, AgentClientError};
 pub use agent_protocol::{ContainerStats, SystemInfo, TopInfo};

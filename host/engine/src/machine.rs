@@ -59,6 +59,11 @@ impl MachineError {
         }
     }
 
+    /// Whether the agent does not know the request (an older guest image).
+    pub fn is_agent_unsupported(&self) -> bool {
+        matches!(self, Self::Agent(AgentClientError::Agent(e)) if e.kind == AgentErrorKind::Unsupported)
+    }
+
     /// Whether the agent refused the request as conflicting with the guest's state.
     pub fn is_agent_conflict(&self) -> bool {
         matches!(self, Self::Agent(AgentClientError::Agent(e)) if e.kind == AgentErrorKind::Conflict)
@@ -117,8 +122,12 @@ pub struct Session {
     dead: AtomicBool,
     died: Notify,
     /// Chain ids of the layers unpacked in this guest. Held across an upload, so two
-    /// containers needing the same layer upload it once.
+    /// containers needing the same layer upload it once. Filled from the guest's data disk
+    /// when the engine first prepares the session (`Engine::storage_session`).
     pub layers: tokio::sync::Mutex<HashSet<String>>,
+    /// Whether the engine has reconciled this guest's storage with its records (set under
+    /// the `layers` lock).
+    pub storage_synced: AtomicBool,
 }
 
 impl Session {
@@ -138,6 +147,7 @@ impl Session {
             dead: AtomicBool::new(false),
             died: Notify::new(),
             layers: tokio::sync::Mutex::new(HashSet::new()),
+            storage_synced: AtomicBool::new(false),
         }
     }
 

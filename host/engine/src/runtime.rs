@@ -30,7 +30,12 @@ use crate::images::{Image, ImageError, ImageStore, ImageUser};
 use crate::machine::{describe, Machine, MachineError, Session};
 use crate::sync::lock;
 use crate::vm::VmConfig;
+use crate::volumes::{VolumeError, VolumeStore};
 use crate::ErrorKind;
+
+mod storage;
+
+pub use storage::{DiskUsage, PruneReport};
 
 /// How long `docker stop` waits by default before SIGKILL.
 const DEFAULT_STOP_TIMEOUT: i64 = 10;
@@ -76,6 +81,12 @@ pub enum EngineError {
     Machine(#[from] MachineError),
     #[error("cannot {0}: {1}")]
     Io(&'static str, #[source] std::io::Error),
+    #[error("{0}")]
+    Volume(#[from] VolumeError),
+    #[error("{0}")]
+    Mount(#[from] crate::containers::mounts::MountSpecError),
+    #[error("{0}")]
+    Bind(#[from] crate::binds::BindError),
 }
 
 impl EngineError {
@@ -96,6 +107,10 @@ impl EngineError {
             Self::Spec(e) => e.kind(),
             Self::Machine(e) => e.kind(),
             Self::Io(..) => ErrorKind::Internal,
+            Self::Volume(e) => e.kind(),
+            Self::Mount(crate::containers::mounts::MountSpecError::Volume(e)) => e.kind(),
+            Self::Mount(_) => ErrorKind::InvalidArgument,
+            Self::Bind(e) => e.kind(),
         }
     }
 }
@@ -126,6 +141,10 @@ pub struct Engine {
     config: EngineConfig,
     /// The image store.
     pub images: Arc<ImageStore>,
+    /// Volume records.
+    pub volumes: VolumeStore,
+    /// Host-side watches of running containers' bind sources; started with the first bind.
+    bind_watcher: std::sync::OnceLock<Option<crate::watch::BindWatcher>>,
     /// The VM.
     pub machine: Machine,
     /// What happened, for `docker events`.
@@ -140,9 +159,12 @@ impl Engine {
     /// VM that is gone with the berthd that ran it: they are marked exited with a reason.
     pub fn open(config: EngineConfig) -> Result<Arc<Self>, EngineError> {
         let images = ImageStore::open(&config.data_root.join("images"))?;
+        let volumes = VolumeStore::open(&config.data_root.join("volumes"))?;
         let machine = Machine::new(config.vm.clone());
         let engine = Arc::new(Self {
             images: Arc::new(images),
+            volumes,
+            bind_watcher: std::sync::OnceLock::new(),
             machine,
             events: Events::new(),
             containers: RwLock::new(HashMap::new()),
@@ -270,6 +292,22 @@ impl Engine {
         let store = Arc::clone(&self.images);
         let reference = spec.image.clone();
         let image = blocking_image(move || store.resolve(&reference)).await?;
+        let mut spec = spec;
+        let image_config = image.config.config().clone().unwrap_or_default();
+        let anonymous = self.resolve_mounts(&mut spec, &image_config)?;
+        let created = self.store_new_container(name, spec, &image).await;
+        if created.is_err() {
+            self.forget_volumes(&anonymous);
+        }
+        created
+    }
+
+    async fn store_new_container(
+        &self,
+        name: Option<&str>,
+        spec: ContainerSpec,
+        image: &Image,
+    ) -> Result<Arc<Container>, EngineError> {
         let id = new_id();
         let mut containers = self
             .containers
@@ -350,6 +388,17 @@ impl Engine {
 
     /// `docker rm`.
     pub async fn remove(self: &Arc<Self>, reference: &str, force: bool) -> Result<(), EngineError> {
+        self.remove_with_volumes(reference, force, false).await
+    }
+
+    /// `docker rm [-v]`: with `volumes`, also the container's anonymous volumes that no other
+    /// container uses.
+    pub async fn remove_with_volumes(
+        self: &Arc<Self>,
+        reference: &str,
+        force: bool,
+        volumes: bool,
+    ) -> Result<(), EngineError> {
         let container = self.container(reference)?;
         let _lifecycle = container.lifecycle.lock().await;
         let status = container.status();
@@ -363,6 +412,10 @@ impl Engine {
             self.kill_and_wait(&container).await?;
         }
         self.remove_locked(&container).await;
+        if volumes {
+            self.remove_anonymous_volumes(&container.record().spec.host.mounts)
+                .await;
+        }
         Ok(())
     }
 
@@ -417,7 +470,15 @@ impl Engine {
         container
             .update(|r| r.stopped_by_user = false)
             .map_err(|e| EngineError::Io("store the container", e))?;
-        self.launch(&container).await
+        let launched = self.launch(&container).await;
+        if launched.is_err() && container.record().spec.host.auto_remove {
+            // As dockerd: a `--rm` container that cannot start is removed, so a client
+            // waiting for its removal (`docker run --rm`) is not left waiting.
+            self.remove_locked(&container).await;
+            self.remove_anonymous_volumes(&container.record().spec.host.mounts)
+                .await;
+        }
+        launched
     }
 
     /// Creates the container in the guest and starts it; on failure the container is left
@@ -463,12 +524,21 @@ impl Engine {
         let image = blocking_image(move || store.resolve(&image_id)).await?;
         let image_config = image.config.config().clone().unwrap_or_default();
         let runtime_spec = spec::build_runtime_spec(&record.spec, &image_config, &container.id)?;
-        let session = self.machine.session().await?;
+        let session = self.storage_session().await?;
         let lower_dirs = self.ensure_layers(&session, &image).await?;
         let dir = guest_container_dir(&session, &container.id);
         let (rootfs, upper, work) = (dir.join("rootfs"), dir.join("upper"), dir.join("work"));
         let dirs = vec![rootfs.clone(), upper.clone(), work.clone()];
         session.call(move |a| a.create_dirs(dirs)).await?;
+        let mut runtime_spec = runtime_spec;
+        let extra_mounts = self
+            .guest_mounts(&session, &record.spec.host.mounts, &lower_dirs)
+            .await?;
+        if !extra_mounts.is_empty() {
+            let mut mounts = runtime_spec.mounts().clone().unwrap_or_default();
+            mounts.extend(extra_mounts);
+            runtime_spec.set_mounts(Some(mounts));
+        }
         let hostname = runtime_spec.hostname().clone().unwrap_or_default();
         let seccomp_unconfined = record
             .spec
@@ -524,6 +594,7 @@ impl Engine {
             &container.id,
             [("name", record.name), ("image", record.spec.image)],
         );
+        self.watch_binds(&container.id, &record.spec.host.mounts);
         tokio::spawn(Arc::clone(self).supervise(Arc::clone(container), session, io));
         Ok(())
     }
@@ -535,6 +606,14 @@ impl Engine {
         session: &Arc<Session>,
         image: &Image,
     ) -> Result<Vec<PathBuf>, EngineError> {
+        if !session
+            .storage_synced
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            // The data disk may hold layers from an earlier boot: learn them before uploading
+            // (an unpack into an existing layer directory is refused).
+            self.storage_session().await?;
+        }
         let layers_root = session.storage_root().join("layers");
         let mut present = session.layers.lock().await;
         let mut dirs = Vec::with_capacity(image.layers.len());
@@ -644,6 +723,7 @@ impl Engine {
         if !session.is_dead() {
             self.delete_in_guest(&session, &container.id).await;
         }
+        self.unwatch_binds(&container.id);
         let record = container
             .update(|r| {
                 r.state.status = Status::Exited;
@@ -685,6 +765,9 @@ impl Engine {
         if record.spec.host.auto_remove {
             let _lifecycle = container.lifecycle.lock().await;
             self.remove_locked(&container).await;
+            // As dockerd: `--rm` also removes the container's anonymous volumes.
+            self.remove_anonymous_volumes(&record.spec.host.mounts)
+                .await;
             return;
         }
         let policy = &record.spec.host.restart_policy;

@@ -672,6 +672,20 @@ impl Engine {
     }
 }
 
+impl Engine {
+    /// `docker builder prune`: forgets every cached step; returns the cache keys dropped. The
+    /// step images themselves are untagged images, reclaimed by `docker image prune`.
+    pub fn prune_build_cache(&self) -> Result<Vec<String>, EngineError> {
+        let cache = BuildCache::open(self.data_root(), false);
+        let keys: Vec<String> = cache.entries.keys().cloned().collect();
+        match fs::remove_file(&cache.path) {
+            Ok(()) => Ok(keys),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(EngineError::Io("remove the build cache", e)),
+        }
+    }
+}
+
 /// Applies `docker commit --change` lines (CMD, ENTRYPOINT, ENV, EXPOSE, LABEL, USER,
 /// VOLUME, WORKDIR, STOPSIGNAL, HEALTHCHECK) to `config`, as the builder would.
 pub fn apply_changes(config: &mut ImageConfig, changes: &[String]) -> Result<(), EngineError> {

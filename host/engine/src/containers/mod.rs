@@ -8,6 +8,7 @@
 
 pub mod io;
 pub mod logs;
+pub mod mounts;
 pub mod names;
 pub mod spec;
 

@@ -88,6 +88,13 @@ pub struct HostSpec {
     pub console_size: Option<(u16, u16)>,
     /// `--network`, kept for inspect.
     pub network_mode: String,
+    /// Bind mounts and volumes (from `Binds`, `Mounts`, the image's and the config's
+    /// `Volumes` and `--volumes-from`); anonymous volumes are named at create.
+    #[serde(default)]
+    pub mounts: Vec<super::mounts::MountPoint>,
+    /// `--volumes-from`, kept for inspect.
+    #[serde(default)]
+    pub volumes_from: Vec<String>,
 }
 
 /// When a container is started again after it exits.
@@ -183,11 +190,6 @@ pub fn validate(spec: &ContainerSpec) -> Result<(), SpecError> {
         return Err(SpecError::Invalid(
             "privileged containers are not supported by Berth yet".into(),
         ));
-    }
-    if let Some(bind) = spec.host.binds.first() {
-        return Err(SpecError::Invalid(format!(
-            "invalid mount {bind:?}: bind mounts and volumes need host file sharing, which this Berth does not provide yet"
-        )));
     }
     for env in &spec.env {
         if env.is_empty() || env.starts_with('=') {
@@ -547,16 +549,6 @@ mod tests {
             .clone()
             .unwrap();
         assert_eq!((cpu.quota(), cpu.period()), (Some(150_000), Some(100_000)));
-    }
-
-    #[test]
-    fn validate_bind_mount_is_refused_with_reason() {
-        let mut container = spec(None, &["true"]);
-        container.host.binds = vec!["/tmp:/x".into()];
-
-        let error = validate(&container).unwrap_err();
-
-        assert!(error.to_string().contains("host file sharing"), "{error}");
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! (a later `berth vm status`) find a running VM.
 
 mod console;
+pub mod disk;
 mod process;
 pub mod qemu;
 
@@ -98,6 +99,20 @@ pub enum VmError {
     },
     #[error("cannot talk to the guest agent")]
     Agent(#[source] AgentClientError),
+    #[error("cannot create the data disk {path}")]
+    Disk {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("a data disk of {bytes} bytes is too small (at least {min})")]
+    DiskTooSmall { bytes: u64, min: u64 },
+    #[error("mkfs.ext4 failed on {path} ({status}): {stderr}")]
+    Format {
+        path: PathBuf,
+        status: String,
+        stderr: String,
+    },
 }
 
 /// Which VM backend runs the guest.
@@ -133,6 +148,24 @@ pub struct VmConfig {
     pub boot_timeout: Duration,
     /// Extra kernel command-line words, appended after Berth's own.
     pub extra_cmdline: Vec<String>,
+    /// The persistent data disk (`/dev/vda` in the guest); `None` keeps guest storage on the
+    /// VM's tmpfs.
+    pub data_disk: Option<disk::DataDisk>,
+    /// Host directories shared into the guest with virtio-fs.
+    pub shares: Vec<VmShare>,
+}
+
+/// A host directory shared into the guest over virtio-fs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmShare {
+    /// The virtio-fs tag the guest mounts it by.
+    pub tag: String,
+    /// The shared directory on the host (absolute, canonical).
+    pub host_dir: PathBuf,
+    /// The host user and group that own what containers create in the share: guest root
+    /// maps to them both ways, and every other guest id is squashed to them
+    /// (`docs/design/file-sharing.md`).
+    pub owner: (u32, u32),
 }
 
 impl VmConfig {
@@ -266,6 +299,9 @@ impl Vm {
     ) -> Result<(Self, AgentClient), VmError> {
         config.check_assets()?;
         prepare_state_dir(config)?;
+        if let Some(disk) = &config.data_disk {
+            disk.ensure()?;
+        }
         let ready =
             ReadyListener::bind(&config.ready_socket()).map_err(|source| VmError::StateDir {
                 path: config.ready_socket(),
@@ -593,6 +629,8 @@ mod tests {
             state_dir: dir.join("state"),
             boot_timeout: Duration::from_secs(1),
             extra_cmdline: vec!["berth.debug".into()],
+            data_disk: None,
+            shares: Vec::new(),
         }
     }
 

@@ -21,7 +21,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use super::process::VmProcess;
-use super::{BackendKind, VmBackend, VmConfig, VmError};
+use super::{BackendKind, VmBackend, VmConfig, VmError, VmShare};
 
 /// The vhost-user control socket QEMU connects to.
 const VHOST_SOCKET: &str = "vhost-vsock.sock";
@@ -32,6 +32,10 @@ const VHOST_LOG: &str = "berth-vsock.log";
 /// The vsock device program, and the variable that overrides where it is found.
 const VSOCK_PROGRAM: &str = "berth-vsock";
 const VSOCK_ENV: &str = "BERTH_VHOST_VSOCK";
+
+/// The virtio-fs device program, and the variable that overrides where it is found.
+pub const VIRTIOFSD_PROGRAM: &str = "virtiofsd";
+pub const VIRTIOFSD_ENV: &str = "BERTH_VIRTIOFSD";
 
 /// How long the vsock device may take to create its socket.
 const HELPER_READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -51,6 +55,7 @@ pub struct QemuBackend {
     accel: Accel,
     qemu: PathBuf,
     vhost_vsock: PathBuf,
+    virtiofsd: PathBuf,
 }
 
 impl QemuBackend {
@@ -62,6 +67,7 @@ impl QemuBackend {
             accel,
             qemu: find_program("qemu-system-x86_64", "BERTH_QEMU", false),
             vhost_vsock: find_program(VSOCK_PROGRAM, VSOCK_ENV, true),
+            virtiofsd: find_virtiofsd(),
         }
     }
 
@@ -80,6 +86,44 @@ impl QemuBackend {
         &self.vhost_vsock
     }
 
+    /// Starts one `virtiofsd` per share; stops what it started if one fails.
+    fn spawn_virtiofsd(&self, config: &VmConfig) -> Result<Vec<VmProcess>, VmError> {
+        let mut started: Vec<VmProcess> = Vec::new();
+        for share in &config.shares {
+            let socket = virtiofs_socket(&config.state_dir, &share.tag);
+            let log = config
+                .state_dir
+                .join(format!("virtiofsd-{}.log", share.tag));
+            // A socket left by an earlier VM would look ready before virtiofsd listens.
+            let _ = fs::remove_file(&socket);
+            let mut command = Command::new(&self.virtiofsd);
+            command.args(virtiofsd_args(
+                share,
+                &socket,
+                nix::unistd::geteuid().is_root(),
+            ));
+            let spawned = spawn_detached(
+                &mut command,
+                &log,
+                "install it with `cargo install --locked virtiofsd` or set BERTH_VIRTIOFSD",
+            )
+            .map(|child| {
+                VmProcess::spawned(VIRTIOFSD_PROGRAM, child, config.state_dir.to_string_lossy())
+            })
+            .and_then(|process| wait_for_socket(process, &socket, VIRTIOFSD_PROGRAM, &log));
+            match spawned {
+                Ok(process) => started.push(process),
+                Err(e) => {
+                    for mut process in started {
+                        process.kill_and_reap();
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(started)
+    }
+
     fn spawn_vhost_vsock(&self, config: &VmConfig) -> Result<VmProcess, VmError> {
         let socket = config.state_dir.join(VHOST_SOCKET);
         let mut command = Command::new(&self.vhost_vsock);
@@ -95,30 +139,81 @@ impl QemuBackend {
             &config.state_dir.join(VHOST_LOG),
             "build it with `cargo build -p berth-vmm --bin berth-vsock` or set BERTH_VHOST_VSOCK",
         )?;
-        let mut process =
-            VmProcess::spawned(VSOCK_PROGRAM, child, config.state_dir.to_string_lossy());
-        // QEMU connects to the socket as a client at start, so it must exist first.
-        let deadline = Instant::now() + HELPER_READY_TIMEOUT;
-        while !socket.exists() {
-            if let Some(status) = process.exit_status() {
-                return Err(VmError::HelperFailed {
-                    program: VSOCK_PROGRAM.into(),
-                    status,
-                    log: config.state_dir.join(VHOST_LOG),
-                });
-            }
-            if Instant::now() > deadline {
-                process.kill_and_reap();
-                return Err(VmError::HelperTimeout {
-                    program: VSOCK_PROGRAM.into(),
-                    path: socket,
-                    secs: HELPER_READY_TIMEOUT.as_secs(),
-                });
-            }
-            thread::sleep(Duration::from_millis(5));
-        }
-        Ok(process)
+        let process = VmProcess::spawned(VSOCK_PROGRAM, child, config.state_dir.to_string_lossy());
+        wait_for_socket(
+            process,
+            &socket,
+            VSOCK_PROGRAM,
+            &config.state_dir.join(VHOST_LOG),
+        )
     }
+}
+
+/// Waits until a vhost-user backend has created its socket: QEMU connects to it as a client
+/// at start, so it must exist first.
+fn wait_for_socket(
+    mut process: VmProcess,
+    socket: &Path,
+    program: &str,
+    log: &Path,
+) -> Result<VmProcess, VmError> {
+    let deadline = Instant::now() + HELPER_READY_TIMEOUT;
+    while !socket.exists() {
+        if let Some(status) = process.exit_status() {
+            return Err(VmError::HelperFailed {
+                program: program.into(),
+                status,
+                log: log.to_owned(),
+            });
+        }
+        if Instant::now() > deadline {
+            process.kill_and_reap();
+            return Err(VmError::HelperTimeout {
+                program: program.into(),
+                path: socket.to_owned(),
+                secs: HELPER_READY_TIMEOUT.as_secs(),
+            });
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+    Ok(process)
+}
+
+/// The vhost-user socket of the share tagged `tag`.
+fn virtiofs_socket(state_dir: &Path, tag: &str) -> PathBuf {
+    state_dir.join(format!("virtiofs-{tag}.sock"))
+}
+
+/// `virtiofsd`'s arguments for `share`. Pure, so the ownership mapping is unit-tested.
+///
+/// Guest root and the share's owner map to each other both ways; every other guest id is
+/// squashed to the owner, so whatever a container creates belongs to the host user. Host ids
+/// other than the owner's pass through unchanged. As root the daemon is sandboxed in its own
+/// namespaces with the share as its root; unprivileged it cannot be, and relies on the guest
+/// kernel resolving every path (symlinks included) inside the share.
+pub fn virtiofsd_args(share: &VmShare, socket: &Path, root: bool) -> Vec<OsString> {
+    let (uid, gid) = share.owner;
+    let mut args: Vec<OsString> = vec![
+        "--shared-dir".into(),
+        share.host_dir.clone().into(),
+        "--socket-path".into(),
+        socket.into(),
+        "--tag".into(),
+        share.tag.clone().into(),
+        "--sandbox".into(),
+        if root { "namespace" } else { "none" }.into(),
+        "--cache".into(),
+        "auto".into(),
+        "--log-level".into(),
+        "warn".into(),
+    ];
+    for (flag, id) in [("--translate-uid", uid), ("--translate-gid", gid)] {
+        args.push(flag.into());
+        args.push(format!("map:0:{id}:1").into());
+        args.push(flag.into());
+        args.push(format!("squash-guest:1:{id}:4294967294").into());
+    }
+    args
 }
 
 impl VmBackend for QemuBackend {
@@ -134,7 +229,16 @@ impl VmBackend for QemuBackend {
     }
 
     fn launch(&self, config: &VmConfig) -> Result<Vec<VmProcess>, VmError> {
-        let mut vhost = self.spawn_vhost_vsock(config)?;
+        let mut helpers = self.spawn_virtiofsd(config)?;
+        match self.spawn_vhost_vsock(config) {
+            Ok(vhost) => helpers.push(vhost),
+            Err(e) => {
+                for mut helper in helpers {
+                    helper.kill_and_reap();
+                }
+                return Err(e);
+            }
+        }
         let mut command = Command::new(&self.qemu);
         command.args(qemu_args(
             config,
@@ -148,11 +252,15 @@ impl VmBackend for QemuBackend {
         ) {
             Ok(child) => VmProcess::spawned("qemu", child, config.state_dir.to_string_lossy()),
             Err(e) => {
-                vhost.kill_and_reap();
+                for mut helper in helpers {
+                    helper.kill_and_reap();
+                }
                 return Err(e);
             }
         };
-        Ok(vec![qemu, vhost])
+        let mut processes = vec![qemu];
+        processes.extend(helpers);
+        Ok(processes)
     }
 }
 
@@ -186,6 +294,30 @@ pub fn qemu_args(config: &VmConfig, accel: Accel, vhost_socket: Option<&Path>) -
         args.extend([OsString::from("-chardev"), chardev]);
         args.extend(["-device", "vhost-user-vsock-device,chardev=vsock0"].map(OsString::from));
     }
+    for (index, share) in config.shares.iter().enumerate() {
+        // vhost-user-fs over virtio-mmio; the guest mounts it by tag.
+        let mut chardev = OsString::from(format!("socket,id=fs{index},path="));
+        chardev.push(qemu_escape(&virtiofs_socket(&config.state_dir, &share.tag)));
+        args.extend([OsString::from("-chardev"), chardev]);
+        args.extend([
+            OsString::from("-device"),
+            OsString::from(format!(
+                "vhost-user-fs-device,chardev=fs{index},tag={}",
+                share.tag
+            )),
+        ]);
+    }
+    if let Some(disk) = &config.data_disk {
+        // The first (only) virtio-blk device: /dev/vda in the guest. discard=unmap passes the
+        // guest's discards through as holes punched in the sparse file; detect-zeroes turns
+        // zero writes into holes too.
+        let mut drive = OsString::from("file=");
+        drive.push(qemu_escape(&disk.path));
+        drive
+            .push(",if=none,id=data0,format=raw,discard=unmap,detect-zeroes=unmap,cache=writeback");
+        args.extend([OsString::from("-drive"), drive]);
+        args.extend(["-device", "virtio-blk-device,drive=data0"].map(OsString::from));
+    }
     args.push("-serial".into());
     let mut serial = OsString::from("file:");
     serial.push(config.console_log());
@@ -197,6 +329,19 @@ pub fn qemu_args(config: &VmConfig, accel: Accel, vhost_socket: Option<&Path>) -
     args.push("-append".into());
     args.push(config.cmdline().into());
     args
+}
+
+/// A path as a QEMU option value: commas are doubled, as QEMU's option syntax wants.
+fn qemu_escape(path: &Path) -> OsString {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let mut bytes = Vec::with_capacity(path.as_os_str().len());
+    for &byte in path.as_os_str().as_bytes() {
+        bytes.push(byte);
+        if byte == b',' {
+            bytes.push(b',');
+        }
+    }
+    OsString::from_vec(bytes)
 }
 
 /// Spawns a VM process in its own process group (so a Ctrl-C aimed at the CLI that started it
@@ -234,6 +379,12 @@ pub(super) fn forget_files(state_dir: &Path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => tracing::debug!(error = %e, "cannot remove the vhost-user socket"),
     }
+}
+
+/// The `virtiofsd` this backend runs (`BERTH_VIRTIOFSD`, `PATH`, cargo's bin directory); the
+/// bare name if it is nowhere (berthd then says so and shares nothing).
+pub fn find_virtiofsd() -> PathBuf {
+    find_program(VIRTIOFSD_PROGRAM, VIRTIOFSD_ENV, false)
 }
 
 /// Finds `name`: the `env` override; then, if `beside_exe`, the running executable's directory
@@ -284,6 +435,8 @@ mod tests {
             state_dir: "/run/berth/vm".into(),
             boot_timeout: Duration::from_secs(30),
             extra_cmdline: Vec::new(),
+            data_disk: None,
+            shares: Vec::new(),
         }
     }
 
@@ -335,6 +488,71 @@ mod tests {
         let args = qemu_args(&config(), Accel::Tcg, None);
 
         assert!(!args.iter().any(|a| a.to_string_lossy().contains("vsock")));
+    }
+
+    #[test]
+    fn qemu_args_data_disk_is_virtio_blk_with_discard() {
+        let config = VmConfig {
+            data_disk: Some(super::super::disk::DataDisk {
+                path: "/data/vm,1/data.raw".into(),
+                size_bytes: 1 << 30,
+            }),
+            ..config()
+        };
+
+        let args = qemu_args(&config, Accel::Tcg, None)
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ");
+
+        assert!(args.contains(
+            "-drive file=/data/vm,,1/data.raw,if=none,id=data0,format=raw,discard=unmap"
+        ));
+        assert!(args.contains("-device virtio-blk-device,drive=data0"));
+    }
+
+    #[test]
+    fn virtiofsd_args_map_guest_root_to_the_owner_and_squash_the_rest() {
+        let share = VmShare {
+            tag: "share0".into(),
+            host_dir: "/home/u".into(),
+            owner: (1000, 1001),
+        };
+
+        let args = virtiofsd_args(&share, Path::new("/run/fs.sock"), true)
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ");
+
+        assert!(args.contains("--shared-dir /home/u --socket-path /run/fs.sock --tag share0"));
+        assert!(args.contains("--sandbox namespace"));
+        assert!(args.contains(
+            "--translate-uid map:0:1000:1 --translate-uid squash-guest:1:1000:4294967294"
+        ));
+        assert!(args.contains("--translate-gid map:0:1001:1"));
+    }
+
+    #[test]
+    fn qemu_args_share_is_vhost_user_fs_device_with_its_tag() {
+        let config = VmConfig {
+            shares: vec![VmShare {
+                tag: "share0".into(),
+                host_dir: "/home/u".into(),
+                owner: (0, 0),
+            }],
+            ..config()
+        };
+
+        let args = qemu_args(&config, Accel::Tcg, None)
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ");
+
+        assert!(args.contains("-chardev socket,id=fs0,path=/run/berth/vm/virtiofs-share0.sock"));
+        assert!(args.contains("-device vhost-user-fs-device,chardev=fs0,tag=share0"));
     }
 
     #[test]
