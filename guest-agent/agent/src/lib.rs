@@ -20,9 +20,12 @@ pub mod args;
 pub mod clock;
 pub mod containers;
 pub mod entropy;
+pub mod forward;
 pub mod handlers;
 pub mod init;
 pub mod log;
+pub mod netlink;
+pub mod network;
 pub mod notify;
 pub mod power;
 pub mod reaper;
@@ -91,6 +94,11 @@ fn run_pid1() -> ! {
         );
     }
     init::early_init();
+    match network::configure_uplink() {
+        Ok(true) => console!("uplink {} up", agent_protocol::network::UPLINK_INTERFACE),
+        Ok(false) => {}
+        Err(e) => console!("{}", Chain(&e)),
+    }
     entropy::spawn_seeder();
     let containers = Arc::new(Containers::new(
         start_reaper(Mode::Pid1),

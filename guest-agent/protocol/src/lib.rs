@@ -14,6 +14,7 @@ pub mod container;
 pub mod defaults;
 pub mod frame;
 pub mod messages;
+pub mod network;
 
 pub use container::*;
 
@@ -22,6 +23,7 @@ pub use frame::{
     MAX_FRAME_LEN,
 };
 pub use messages::*;
+pub use network::{BridgeNetwork, ContainerNetwork, Endpoint, ForwardTarget};
 
 /// The protocol version this build speaks. Bump it when a message changes meaning; adding an
 /// optional field or a new request does not need a bump.

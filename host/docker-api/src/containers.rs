@@ -8,6 +8,7 @@ use berth_engine::containers::io::StdinMessage;
 use berth_engine::containers::logs::{self, LogFilter, LogRecord, LogStream};
 use berth_engine::containers::spec::{ContainerSpec, HostSpec, RestartPolicy};
 use berth_engine::containers::{ContainerRecord, Status, ZERO_TIME};
+use berth_engine::network::{format_mac_of, DnsConfig, HostBinding, NetworkMode, DEFAULT_NETWORK};
 use berth_engine::{Engine, WaitCondition};
 use bytes::Bytes;
 use hyper::body::Incoming;
@@ -83,7 +84,47 @@ pub struct HostConfigBody {
     pub console_size: Option<Vec<u16>>,
     pub network_mode: String,
     pub port_bindings: Option<HashMap<String, Value>>,
+    pub publish_all_ports: bool,
+    pub dns: Option<Vec<String>>,
+    pub dns_search: Option<Vec<String>>,
+    pub dns_options: Option<Vec<String>>,
+    pub extra_hosts: Option<Vec<String>>,
     pub volumes_from: Option<Vec<String>>,
+}
+
+/// One entry of `HostConfig.PortBindings["80/tcp"]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+struct PortBindingBody {
+    host_ip: String,
+    host_port: String,
+}
+
+/// `HostConfig.PortBindings`: `{"80/tcp": [{"HostIp": "", "HostPort": "8080"}], ...}`; a null
+/// list binds nothing.
+fn port_bindings(
+    raw: Option<HashMap<String, Value>>,
+) -> ApiResult<BTreeMap<String, Vec<HostBinding>>> {
+    let mut out = BTreeMap::new();
+    for (key, value) in raw.unwrap_or_default() {
+        let list: Vec<PortBindingBody> = match value {
+            Value::Null => Vec::new(),
+            value => serde_json::from_value(value).map_err(|e| {
+                ApiError::bad_request(format!("invalid port binding for {key}: {e}"))
+            })?,
+        };
+        let bindings = list
+            .into_iter()
+            .map(|b| HostBinding {
+                host_ip: b.host_ip,
+                host_port: b.host_port,
+            })
+            .collect::<Vec<_>>();
+        if !bindings.is_empty() {
+            out.insert(key, bindings);
+        }
+    }
+    Ok(out)
 }
 
 /// `HostConfig.RestartPolicy`.
@@ -110,15 +151,7 @@ fn container_spec(body: CreateBody) -> ApiResult<ContainerSpec> {
             "--volumes-from needs volumes, which this Berth does not provide yet",
         ));
     }
-    if host
-        .port_bindings
-        .as_ref()
-        .is_some_and(|p| p.values().any(|v| !v.is_null()))
-    {
-        return Err(ApiError::bad_request(
-            "publishing ports needs container networking, which this Berth does not provide yet",
-        ));
-    }
+    let port_bindings = port_bindings(host.port_bindings)?;
     let entrypoint = body.entrypoint.map(|e| {
         let list = e.into_vec();
         // `--entrypoint ""` arrives as [""]: an empty entrypoint, not the image's.
@@ -173,6 +206,14 @@ fn container_spec(body: CreateBody) -> ApiResult<ContainerSpec> {
             security_opt: host.security_opt.unwrap_or_default(),
             console_size,
             network_mode: host.network_mode,
+            port_bindings,
+            publish_all_ports: host.publish_all_ports,
+            dns: DnsConfig {
+                servers: host.dns.unwrap_or_default(),
+                search: host.dns_search.unwrap_or_default(),
+                options: host.dns_options.unwrap_or_default(),
+            },
+            extra_hosts: host.extra_hosts.unwrap_or_default(),
         },
     })
 }
@@ -296,22 +337,143 @@ fn summary(record: &ContainerRecord) -> Value {
         "ImageID": record.image_id,
         "Command": command_text(record),
         "Created": unix_seconds(&record.created),
-        "Ports": [],
+        "Ports": port_summaries(record),
         "Labels": record.spec.labels,
         "State": record.state.status.as_str(),
         "Status": status_text(record),
         "HostConfig": { "NetworkMode": network_mode(record) },
-        "NetworkSettings": { "Networks": {} },
+        "NetworkSettings": { "Networks": networks_json(record) },
         "Mounts": [],
     })
 }
 
 fn network_mode(record: &ContainerRecord) -> String {
-    if record.spec.host.network_mode.is_empty() {
-        "none".to_owned()
-    } else {
-        record.spec.host.network_mode.clone()
+    NetworkMode::display(&record.spec.host.network_mode)
+}
+
+/// `Ports` of a `docker ps` entry: one per published port.
+fn port_summaries(record: &ContainerRecord) -> Vec<Value> {
+    record
+        .network
+        .ports
+        .iter()
+        .map(|p| {
+            json!({
+                "IP": p.host_ip.to_string(),
+                "PrivatePort": p.container_port,
+                "PublicPort": p.host_port,
+                "Type": p.protocol.to_string(),
+            })
+        })
+        .collect()
+}
+
+/// `HostConfig.PortBindings` as asked for.
+fn port_bindings_json(record: &ContainerRecord) -> Value {
+    let map: serde_json::Map<String, Value> = record
+        .spec
+        .host
+        .port_bindings
+        .iter()
+        .map(|(key, bindings)| {
+            let list: Vec<Value> = bindings
+                .iter()
+                .map(|b| json!({ "HostIp": b.host_ip, "HostPort": b.host_port }))
+                .collect();
+            (key.clone(), Value::Array(list))
+        })
+        .collect();
+    Value::Object(map)
+}
+
+/// `NetworkSettings.Networks`: the default bridge's endpoint while the container runs there,
+/// or the mode's network (`host`, `none`) with no address.
+fn networks_json(record: &ContainerRecord) -> Value {
+    let mode = network_mode(record);
+    let mut networks = serde_json::Map::new();
+    match &record.network.bridge {
+        Some(endpoint) => {
+            networks.insert(
+                endpoint.network.clone(),
+                json!({
+                    "IPAMConfig": Value::Null,
+                    "Links": Value::Null,
+                    "Aliases": Value::Null,
+                    "MacAddress": format_mac_of(endpoint),
+                    "NetworkID": endpoint.network,
+                    "EndpointID": record.id,
+                    "Gateway": endpoint.gateway.to_string(),
+                    "IPAddress": endpoint.address.to_string(),
+                    "IPPrefixLen": endpoint.prefix_len,
+                    "IPv6Gateway": "",
+                    "GlobalIPv6Address": "",
+                    "GlobalIPv6PrefixLen": 0,
+                    "DNSNames": Value::Null,
+                }),
+            );
+        }
+        None if !mode.starts_with("container:") => {
+            let name = if mode == "default" {
+                DEFAULT_NETWORK.to_owned()
+            } else {
+                mode
+            };
+            networks.insert(
+                name.clone(),
+                json!({
+                    "NetworkID": name, "EndpointID": "", "Gateway": "", "IPAddress": "",
+                    "IPPrefixLen": 0, "MacAddress": "", "Aliases": Value::Null,
+                }),
+            );
+        }
+        None => {}
     }
+    Value::Object(networks)
+}
+
+/// `NetworkSettings` of inspect: addresses on the default bridge and the published ports
+/// (`{"80/tcp": [{"HostIp": "0.0.0.0", "HostPort": "8080"}]}`, null for exposed but
+/// unpublished ports, as `docker port` reads them).
+fn network_settings_json(record: &ContainerRecord, exposed: &[String]) -> Value {
+    let mut ports = serde_json::Map::new();
+    if record.state.status.is_running() {
+        for key in exposed {
+            let key = if key.contains('/') {
+                key.clone()
+            } else {
+                format!("{key}/tcp")
+            };
+            ports.insert(key, Value::Null);
+        }
+        for port in &record.network.ports {
+            let entry = ports
+                .entry(format!("{}/{}", port.container_port, port.protocol))
+                .or_insert(Value::Null);
+            if entry.is_null() {
+                *entry = Value::Array(Vec::new());
+            }
+            if let Value::Array(list) = entry {
+                list.push(json!({ "HostIp": port.host_ip.to_string(), "HostPort": port.host_port.to_string() }));
+            }
+        }
+    }
+    let bridge = record.network.bridge.as_ref();
+    json!({
+        "Bridge": "",
+        "SandboxID": "",
+        "SandboxKey": "",
+        "HairpinMode": false,
+        "Ports": ports,
+        "IPAddress": bridge.map(|b| b.address.to_string()).unwrap_or_default(),
+        "IPPrefixLen": bridge.map_or(0, |b| b.prefix_len),
+        "Gateway": bridge.map(|b| b.gateway.to_string()).unwrap_or_default(),
+        "MacAddress": bridge.map(format_mac_of).unwrap_or_default(),
+        "EndpointID": if bridge.is_some() { record.id.clone() } else { String::new() },
+        "GlobalIPv6Address": "",
+        "GlobalIPv6PrefixLen": 0,
+        "IPv6Gateway": "",
+        "Networks": networks_json(record),
+    })
 }
 
 /// `GET /containers/{id}/json`.
@@ -385,7 +547,12 @@ pub fn inspect(engine: &Arc<Engine>, reference: &str) -> ApiResult<ApiResponse> 
             "PidsLimit": spec.host.pids_limit,
             "ConsoleSize": spec.host.console_size.map_or([0, 0], |(r, c)| [r, c]),
             "LogConfig": { "Type": "berth", "Config": {} },
-            "PortBindings": {},
+            "PortBindings": port_bindings_json(&record),
+            "PublishAllPorts": spec.host.publish_all_ports,
+            "Dns": spec.host.dns.servers,
+            "DnsSearch": spec.host.dns.search,
+            "DnsOptions": spec.host.dns.options,
+            "ExtraHosts": spec.host.extra_hosts,
         },
         "GraphDriver": { "Name": "overlay2", "Data": {} },
         "Mounts": [],
@@ -410,7 +577,7 @@ pub fn inspect(engine: &Arc<Engine>, reference: &str) -> ApiResult<ApiResponse> 
             "StopSignal": spec.stop_signal,
             "StopTimeout": spec.stop_timeout,
         },
-        "NetworkSettings": { "Networks": {}, "Ports": {}, "IPAddress": "", "Gateway": "", "MacAddress": "" },
+        "NetworkSettings": network_settings_json(&record, &spec.exposed_ports),
     });
     Ok(body::json(StatusCode::OK, &value))
 }

@@ -5,12 +5,14 @@
 //! [`ErrorKind`].
 
 use std::collections::HashMap;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use agent_protocol::{
-    ContainerConfig, CreateContainer, OverlayDirs, StreamHeader, StreamKind, SystemInfo,
+    ContainerConfig, ContainerNetwork, CreateContainer, OverlayDirs, StreamHeader, StreamKind,
+    SystemInfo,
 };
 use bytes::Bytes;
 use thiserror::Error;
@@ -28,6 +30,10 @@ use crate::containers::{
 use crate::events::Events;
 use crate::images::{Image, ImageError, ImageStore, ImageUser};
 use crate::machine::{describe, Machine, MachineError, Session};
+use crate::network::forward::{self, Forwarders};
+use crate::network::{
+    self as net, BridgeEndpoint, Ipam, NetworkMode, NetworkSettings, DEFAULT_NETWORK,
+};
 use crate::sync::lock;
 use crate::vm::VmConfig;
 use crate::ErrorKind;
@@ -74,6 +80,8 @@ pub enum EngineError {
     Machine(#[from] MachineError),
     #[error("cannot {0}: {1}")]
     Io(&'static str, #[source] std::io::Error),
+    #[error("{0}")]
+    Network(#[from] crate::network::NetworkError),
 }
 
 impl EngineError {
@@ -92,6 +100,7 @@ impl EngineError {
             Self::Spec(e) => e.kind(),
             Self::Machine(e) => e.kind(),
             Self::Io(..) => ErrorKind::Internal,
+            Self::Network(e) => e.kind(),
         }
     }
 }
@@ -129,6 +138,10 @@ pub struct Engine {
     containers: RwLock<HashMap<String, Arc<Container>>>,
     pub(crate) execs: Mutex<HashMap<String, Arc<crate::exec::Exec>>>,
     last_info: Mutex<Option<SystemInfo>>,
+    /// Addresses on the default bridge.
+    ipam: Ipam,
+    /// Published ports of running containers, by container id.
+    forwarders: Mutex<HashMap<String, Forwarders>>,
 }
 
 impl Engine {
@@ -144,6 +157,8 @@ impl Engine {
             containers: RwLock::new(HashMap::new()),
             execs: Mutex::new(HashMap::new()),
             last_info: Mutex::new(None),
+            ipam: Ipam::default_bridge(),
+            forwarders: Mutex::new(HashMap::new()),
             config,
         });
         engine.restore()?;
@@ -169,6 +184,7 @@ impl Engine {
                 record.state.exit_code = LOST_EXIT_CODE;
                 record.state.error = "berthd stopped while the container ran".into();
                 record.state.finished_at = now_rfc3339();
+                record.network = NetworkSettings::default();
                 if let Err(e) = write_record(&dir, &record) {
                     warn!(id = %record.id, error = %e, "cannot update a container record");
                 }
@@ -296,6 +312,7 @@ impl Engine {
             state: ContainerState::default(),
             restart_count: 0,
             stopped_by_user: false,
+            network: Default::default(),
         };
         let dir = self.containers_root().join(&id);
         write_record(&dir, &record).map_err(|e| EngineError::Io("store the container", e))?;
@@ -433,6 +450,7 @@ impl Engine {
         match self.try_launch(container).await {
             Ok(()) => Ok(()),
             Err(e) => {
+                self.release_network(container);
                 let message = e.to_string();
                 let _ = container.update(|r| {
                     r.state.status = if r.state.started_at == crate::containers::ZERO_TIME {
@@ -459,6 +477,14 @@ impl Engine {
         let image = blocking_image(move || store.resolve(&image_id)).await?;
         let image_config = image.config.config().clone().unwrap_or_default();
         let runtime_spec = spec::build_runtime_spec(&record.spec, &image_config, &container.id)?;
+        let exposed: Vec<String> = record
+            .spec
+            .exposed_ports
+            .iter()
+            .cloned()
+            .chain(image_config.exposed_ports().clone().unwrap_or_default())
+            .collect();
+        let plan = self.plan_network(container, &record, &exposed)?;
         let session = self.machine.session().await?;
         let lower_dirs = self.ensure_layers(&session, &image).await?;
         let dir = guest_container_dir(&session, &container.id);
@@ -484,9 +510,14 @@ impl Engine {
                 }),
                 cgroup_parent: PathBuf::from(CGROUP_PARENT),
                 hostname_file: Some(format!("{hostname}\n")),
-                hosts_file: Some(hosts_file(&hostname)),
-                resolv_conf_file: Some(String::new()),
+                hosts_file: Some(net::hosts_file(
+                    &hostname,
+                    plan.own_address,
+                    &record.spec.host.extra_hosts,
+                )?),
+                resolv_conf_file: Some(net::resolv_conf(&record.spec.host.dns)?),
                 seccomp_unconfined,
+                network: Some(plan.wire),
             }),
             stdin: record.spec.open_stdin,
             tty: record.spec.tty,
@@ -505,6 +536,11 @@ impl Engine {
             self.delete_in_guest(&session, &container.id).await;
             return Err(e.into());
         }
+        if let (Some(target), false) = (plan.forward_to, plan.bound.is_empty()) {
+            let forwarders = forward::start(&session, &container.id, target, plan.bound)
+                .map_err(|e| EngineError::Io("serve the published ports", e))?;
+            lock(&self.forwarders).insert(container.id.clone(), forwarders);
+        }
         container
             .update(|r| {
                 r.state.status = Status::Running;
@@ -522,6 +558,93 @@ impl Engine {
         );
         tokio::spawn(Arc::clone(self).supervise(Arc::clone(container), session, io));
         Ok(())
+    }
+
+    /// Decides the container's network for this run: an address on the default bridge
+    /// (recorded at once, so a failed launch releases it), and its published ports bound on
+    /// the host, before anything happens in the guest.
+    fn plan_network(
+        &self,
+        container: &Arc<Container>,
+        record: &ContainerRecord,
+        exposed: &[String],
+    ) -> Result<NetworkPlan, EngineError> {
+        let host = &record.spec.host;
+        let (wire, endpoint, forward_to) = match NetworkMode::parse(&host.network_mode)? {
+            NetworkMode::None => (ContainerNetwork::None, None, None),
+            NetworkMode::Host => (ContainerNetwork::Host, None, Some(Ipv4Addr::LOCALHOST)),
+            NetworkMode::Container(reference) => {
+                let other = self.container(&reference)?;
+                if !other.status().is_running() || other.id == container.id {
+                    return Err(EngineError::InvalidArgument(format!(
+                        "cannot join network namespace of a non running container: {reference}"
+                    )));
+                }
+                let address = other.record().network.bridge.map(|b| b.address);
+                (
+                    ContainerNetwork::Container {
+                        id: other.id.clone(),
+                    },
+                    None,
+                    address,
+                )
+            }
+            NetworkMode::Bridge => {
+                let address = self.ipam.allocate()?;
+                let endpoint = BridgeEndpoint {
+                    network: DEFAULT_NETWORK.to_owned(),
+                    address,
+                    prefix_len: self.ipam.prefix_len(),
+                    gateway: self.ipam.gateway(),
+                    mac: net::mac_for(address),
+                };
+                let wire = ContainerNetwork::Bridge {
+                    endpoints: vec![endpoint.to_wire("eth0")],
+                };
+                (wire, Some(endpoint), Some(address))
+            }
+        };
+        let own_address = endpoint.as_ref().map(|e| e.address);
+        container
+            .update(|r| {
+                r.network = NetworkSettings {
+                    bridge: endpoint,
+                    ports: Vec::new(),
+                }
+            })
+            .map_err(|e| EngineError::Io("store the container", e))?;
+        let (bound, published) = match forward_to {
+            Some(_) => {
+                let bindings =
+                    net::bindings_to_publish(&host.port_bindings, host.publish_all_ports, exposed)?;
+                let endpoint = forward::Endpoint {
+                    id: &container.id,
+                    name: &record.name,
+                };
+                forward::bind_all(endpoint, &bindings)?
+            }
+            None => (Vec::new(), Vec::new()),
+        };
+        container
+            .update(|r| r.network.ports = published)
+            .map_err(|e| EngineError::Io("store the container", e))?;
+        Ok(NetworkPlan {
+            wire,
+            own_address,
+            forward_to,
+            bound,
+        })
+    }
+
+    /// Ends the container's forwarders and returns its address: the run is over.
+    fn release_network(&self, container: &Arc<Container>) {
+        lock(&self.forwarders).remove(&container.id);
+        let _ = container.update(|r| {
+            if let Some(endpoint) = r.network.bridge.take() {
+                self.ipam.release(endpoint.address);
+            }
+            r.network = NetworkSettings::default();
+        });
     }
 
     /// Makes sure every layer of `image` is unpacked in the guest; returns the layer
@@ -640,6 +763,7 @@ impl Engine {
         if !session.is_dead() {
             self.delete_in_guest(&session, &container.id).await;
         }
+        self.release_network(&container);
         let record = container
             .update(|r| {
                 r.state.status = Status::Exited;
@@ -1127,10 +1251,17 @@ fn guest_container_dir(session: &Session, id: &str) -> PathBuf {
     session.storage_root().join("containers").join(id)
 }
 
-fn hosts_file(hostname: &str) -> String {
-    format!(
-        "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n"
-    )
+/// A run's network, decided by the host before the guest creates the container.
+#[derive(Debug)]
+struct NetworkPlan {
+    /// What the agent sets up.
+    wire: ContainerNetwork,
+    /// The container's own address, for its `/etc/hosts`.
+    own_address: Option<Ipv4Addr>,
+    /// Where published ports go in the guest; `None` publishes nothing (`--network none`).
+    forward_to: Option<Ipv4Addr>,
+    /// Host sockets of the published ports, bound and not yet serving.
+    bound: Vec<forward::BoundPort>,
 }
 
 /// Runs an image-store call off the async threads.

@@ -1,0 +1,267 @@
+//! Tier 3, networking: the stock docker CLI against a real berthd whose containers run in a VM
+//! booted from our kernel. Containers on the default bridge, `--network none|host`,
+//! `--add-host`/`--dns`/`--hostname`, and published ports served to clients on the host's
+//! loopback (the only network these tests touch).
+//!
+//! A scenario that cannot run here (no kernel built, no docker CLI) skips with the reason, and
+//! fails under CI.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use berth_tests::daemon::TestDaemon;
+use berth_tests::skip;
+
+macro_rules! daemon_or_skip {
+    () => {
+        match TestDaemon::start(std::path::Path::new(env!("CARGO_BIN_EXE_berthd"))) {
+            Ok(daemon) => daemon,
+            Err(reason) => return skip(&reason),
+        }
+    };
+}
+
+/// The page the test web server serves.
+const PAGE: &str = "hello-from-berth";
+
+/// How long a containerised server may take to answer its first request (TCG is slow).
+const SERVER_READY: Duration = Duration::from_secs(60);
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A loopback port nothing listens on right now.
+fn free_port() -> u16 {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind an ephemeral port");
+    listener.local_addr().expect("local address").port()
+}
+
+/// Runs busybox httpd serving [`PAGE`] on port 80 in a detached container.
+fn run_web(daemon: &TestDaemon, name: &str, extra: &[&str]) {
+    let script =
+        format!("mkdir -p /www && echo {PAGE} > /www/index.html && exec httpd -f -p 80 -h /www");
+    let mut args = vec!["run", "-d", "--name", name];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["busybox", "sh", "-c", &script]);
+    daemon.docker_ok(&args);
+}
+
+/// One HTTP/1.0 GET of `/` on the host's loopback; the whole answer.
+fn http_get(port: u16) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect((Ipv4Addr::LOCALHOST, port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    stream.write_all(b"GET / HTTP/1.0\r\nHost: test\r\n\r\n")?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    Ok(answer)
+}
+
+/// Retries [`http_get`] until the page comes back: the server starts after `docker run`.
+fn wait_for_page(port: u16) -> String {
+    let deadline = Instant::now() + SERVER_READY;
+    loop {
+        match http_get(port) {
+            Ok(answer) if answer.contains(PAGE) => return answer,
+            other if Instant::now() > deadline => panic!("no page on port {port}: {other:?}"),
+            _ => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("read berthd's fds")
+        .count()
+}
+
+#[test]
+fn published_port_serves_a_busybox_httpd_page_to_a_host_client() {
+    let daemon = daemon_or_skip!();
+    daemon.load_busybox();
+    let port = free_port();
+    let publish = format!("127.0.0.1:{port}:80");
+
+    run_web(&daemon, "web", &["-p", &publish]);
+    let answer = wait_for_page(port);
+    let port_line = daemon.docker_ok(&["port", "web"]);
+    let ps = daemon.docker_ok(&["ps", "--format", "{{.Names}} {{.Ports}}"]);
+    let address = daemon.docker_ok(&[
+        "inspect",
+        "--format",
+        "{{.NetworkSettings.IPAddress}} {{.NetworkSettings.Networks.bridge.Gateway}} {{.NetworkSettings.MacAddress}}",
+        "web",
+    ]);
+    daemon.docker_ok(&["rm", "-f", "web"]);
+    let closed = TcpStream::connect((Ipv4Addr::LOCALHOST, port));
+
+    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+    assert_eq!(port_line.trim(), format!("80/tcp -> 127.0.0.1:{port}"));
+    assert_eq!(ps.trim(), format!("web 127.0.0.1:{port}->80/tcp"));
+    assert_eq!(
+        address.trim(),
+        "172.17.0.2 172.17.0.1 02:42:ac:11:00:02",
+        "the first container gets the first address"
+    );
+    assert!(closed.is_err(), "the forwarder ends with the container");
+}
+
+#[test]
+fn containers_on_the_default_bridge_reach_each_other() {
+    let daemon = daemon_or_skip!();
+    daemon.load_busybox();
+    run_web(&daemon, "server", &[]);
+    let address = daemon.docker_ok(&[
+        "inspect",
+        "--format",
+        "{{.NetworkSettings.IPAddress}}",
+        "server",
+    ]);
+    let url = format!("http://{}/", address.trim());
+    // Retried in the client: the server may still be starting.
+    let script =
+        format!("for i in $(seq 60); do wget -q -O - {url} && exit 0; sleep 1; done; exit 1");
+
+    let fetched = daemon.docker(&["run", "--rm", "busybox", "sh", "-c", &script]);
+
+    assert!(fetched.status.success(), "{}", text(&fetched.stderr));
+    assert_eq!(text(&fetched.stdout).trim(), PAGE);
+    daemon.docker_ok(&["rm", "-f", "server"]);
+}
+
+#[test]
+fn network_modes_none_and_host_and_bridge_see_their_interfaces() {
+    let daemon = daemon_or_skip!();
+    daemon.load_busybox();
+    let links = "ip -o link | cut -d: -f2 | tr -d ' ' | sort | tr '\\n' ' '";
+
+    let none = daemon.docker_ok(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "busybox",
+        "sh",
+        "-c",
+        links,
+    ]);
+    let bridge = daemon.docker_ok(&["run", "--rm", "busybox", "sh", "-c", links]);
+    let routes = daemon.docker_ok(&["run", "--rm", "busybox", "ip", "route"]);
+    let host = daemon.docker_ok(&[
+        "run",
+        "--rm",
+        "--network",
+        "host",
+        "busybox",
+        "sh",
+        "-c",
+        links,
+    ]);
+
+    assert_eq!(none.trim(), "lo");
+    assert!(bridge.starts_with("eth0@"), "{bridge}");
+    assert!(bridge.trim_end().ends_with("lo"), "{bridge}");
+    assert!(
+        routes.contains("default via 172.17.0.1 dev eth0"),
+        "{routes}"
+    );
+    assert!(host.contains("berth0"), "the guest's own namespace: {host}");
+}
+
+#[test]
+fn hostname_add_host_and_dns_reach_the_containers_files() {
+    let daemon = daemon_or_skip!();
+    daemon.load_busybox();
+
+    let shown = daemon.docker_ok(&[
+        "run",
+        "--rm",
+        "--hostname",
+        "box1",
+        "--add-host",
+        "db:10.1.2.3",
+        "--dns",
+        "192.0.2.53",
+        "--dns-search",
+        "example.test",
+        "busybox",
+        "sh",
+        "-c",
+        "hostname; cat /etc/hosts /etc/resolv.conf",
+    ]);
+
+    assert!(shown.starts_with("box1\n"), "{shown}");
+    assert!(shown.contains("10.1.2.3\tdb\n"), "{shown}");
+    assert!(shown.contains("172.17.0.2\tbox1\n"), "{shown}");
+    assert!(shown.contains("nameserver 192.0.2.53\n"), "{shown}");
+    assert!(shown.contains("search example.test\n"), "{shown}");
+}
+
+#[test]
+fn publishing_a_port_in_use_fails_the_start_with_dockers_message() {
+    let daemon = daemon_or_skip!();
+    daemon.load_busybox();
+    let taken = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+    let port = taken.local_addr().expect("address").port();
+    let publish = format!("127.0.0.1:{port}:80");
+
+    let run = daemon.docker(&[
+        "run", "-d", "--name", "clash", "-p", &publish, "busybox", "sleep", "60",
+    ]);
+    let bad_spec = daemon.docker(&["run", "--rm", "-p", "127.0.0.1:70000:80", "busybox", "true"]);
+    let next = daemon.docker_ok(&[
+        "run",
+        "--rm",
+        "busybox",
+        "sh",
+        "-c",
+        "ip -o -4 addr show eth0",
+    ]);
+
+    assert_eq!(run.status.code(), Some(125), "{}", text(&run.stderr));
+    assert!(
+        text(&run.stderr).contains(&format!(
+            "Bind for 127.0.0.1:{port} failed: port is already allocated"
+        )),
+        "{}",
+        text(&run.stderr)
+    );
+    assert_ne!(bad_spec.status.code(), Some(0));
+    assert!(
+        next.contains("172.17.0.2/16"),
+        "the failed start gave its address back: {next}"
+    );
+}
+
+#[test]
+fn a_thousand_requests_through_a_published_port_leak_no_descriptors() {
+    let daemon = daemon_or_skip!();
+    daemon.load_busybox();
+    let port = free_port();
+    let publish = format!("127.0.0.1:{port}:80");
+    run_web(&daemon, "web", &["-p", &publish]);
+    wait_for_page(port);
+    let pid = daemon.pid().expect("berthd runs");
+    // Settled: the first request's streams are closed.
+    std::thread::sleep(Duration::from_secs(1));
+    let before = open_fds(pid);
+
+    for i in 0..1000 {
+        let answer = http_get(port).unwrap_or_else(|e| panic!("request {i}: {e}"));
+        assert!(answer.contains(PAGE), "request {i}: {answer}");
+    }
+    // Connection tasks end just after the client sees EOF; give them a moment.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut after = open_fds(pid);
+    while after > before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        after = open_fds(pid);
+    }
+
+    assert!(
+        after <= before,
+        "berthd had {before} fds before, {after} after"
+    );
+    daemon.docker_ok(&["rm", "-f", "web"]);
+}
