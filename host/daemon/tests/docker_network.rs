@@ -265,3 +265,27 @@ fn a_thousand_requests_through_a_published_port_leak_no_descriptors() {
     );
     daemon.docker_ok(&["rm", "-f", "web"]);
 }
+
+#[test]
+fn a_container_reaches_a_server_on_the_hosts_loopback_by_the_host_alias() {
+    let daemon = daemon_or_skip!();
+    daemon.load_busybox();
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    // A one-shot HTTP server on the host's loopback only.
+    let server = std::thread::spawn(move || {
+        let (mut client, _) = listener.accept().expect("a container connects");
+        let mut request = [0u8; 1024];
+        let _ = client.read(&mut request);
+        client
+            .write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 14\r\n\r\nhello-the-host")
+            .expect("answer");
+    });
+    let url = format!("http://host.docker.internal:{port}/");
+
+    let fetched = daemon.docker(&["run", "--rm", "busybox", "wget", "-q", "-O", "-", &url]);
+
+    assert!(fetched.status.success(), "{}", text(&fetched.stderr));
+    assert_eq!(text(&fetched.stdout), "hello-the-host");
+    server.join().expect("the server thread ends");
+}

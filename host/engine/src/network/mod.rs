@@ -31,6 +31,9 @@ pub const DEFAULT_PREFIX_LEN: u8 = 16;
 /// The default bridge's gateway: the bridge's own address in the guest.
 pub const DEFAULT_GATEWAY: Ipv4Addr = Ipv4Addr::new(172, 17, 0, 1);
 
+/// The name containers reach the host's loopback by (as in Docker Desktop).
+pub const HOST_ALIAS: &str = "host.docker.internal";
+
 /// Why a network setting is refused.
 #[derive(Debug, Error)]
 pub enum NetworkError {
@@ -362,6 +365,10 @@ pub fn hosts_file(
          fe00::0\tip6-localnet\nff00::0\tip6-mcastprefix\nff02::1\tip6-allnodes\n\
          ff02::2\tip6-allrouters\n",
     );
+    text.push_str(&format!(
+        "{}\t{HOST_ALIAS}\n",
+        agent_protocol::network::UPLINK_GATEWAY
+    ));
     for entry in extra_hosts {
         let (name, ip) = entry
             .split_once(':')
@@ -382,10 +389,16 @@ pub fn hosts_file(
     Ok(text)
 }
 
-/// `/etc/resolv.conf` from `--dns`, `--dns-search` and `--dns-option`; empty without them
-/// (the guest has no resolver of its own to point at yet).
+/// `/etc/resolv.conf` from `--dns`, `--dns-search` and `--dns-option`; without `--dns`, the
+/// uplink's DNS forwarder (which asks the host's resolver).
 pub fn resolv_conf(dns: &DnsConfig) -> Result<String, NetworkError> {
     let mut text = String::new();
+    if dns.servers.is_empty() {
+        text.push_str(&format!(
+            "nameserver {}\n",
+            agent_protocol::network::UPLINK_DNS
+        ));
+    }
     for server in &dns.servers {
         if server.parse::<std::net::IpAddr>().is_err() {
             return Err(NetworkError::Invalid(format!(
@@ -569,6 +582,7 @@ mod tests {
         .unwrap();
 
         assert!(text.contains("10.0.0.5\tdb\n"));
+        assert!(text.contains("10.0.2.2\thost.docker.internal\n"));
         assert!(text.ends_with("172.17.0.2\tweb\n"));
     }
 
@@ -589,6 +603,14 @@ mod tests {
         assert_eq!(
             resolv_conf(&dns).unwrap(),
             "nameserver 1.1.1.1\nsearch example.com\noptions ndots:2\n"
+        );
+    }
+
+    #[test]
+    fn resolv_conf_without_dns_uses_the_uplink_forwarder() {
+        assert_eq!(
+            resolv_conf(&DnsConfig::default()).unwrap(),
+            "nameserver 10.0.2.3\n"
         );
     }
 
