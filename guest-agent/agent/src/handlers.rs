@@ -31,6 +31,8 @@ pub struct AgentContext {
     pub boot_id: String,
     /// The containers of this agent.
     pub containers: Arc<Containers>,
+    /// The embedded DNS of user-defined networks.
+    pub dns: crate::dns::EmbeddedDns,
 }
 
 impl AgentContext {
@@ -62,6 +64,7 @@ impl AgentContext {
             mode,
             boot_id: boot_id.into(),
             containers: Arc::new(containers),
+            dns: crate::dns::EmbeddedDns::default(),
         }
     }
 }
@@ -323,6 +326,23 @@ pub fn remove_dirs(context: &AgentContext, request: &StorageDirs) -> Result<Resp
         .do_remove_dirs(&request.paths)
         .map(|()| Response::Done)
         .map_err(|e| container_error(&e))
+}
+
+/// `SetDnsNames`: the names one user-defined network's DNS answers.
+pub fn set_dns_names(
+    context: &AgentContext,
+    request: agent_protocol::DnsNames,
+) -> Result<Response, AgentError> {
+    context
+        .dns
+        .set_names(request.gateway, &request.names)
+        .map(|()| Response::Done)
+        .map_err(|e| {
+            AgentError::new(
+                AgentErrorKind::Internal,
+                format!("cannot serve DNS on {}: {e}", request.gateway),
+            )
+        })
 }
 
 /// Maps a container failure onto the wire: what the host named wrongly, what conflicts with

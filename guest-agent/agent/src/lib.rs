@@ -19,6 +19,7 @@
 pub mod args;
 pub mod clock;
 pub mod containers;
+pub mod dns;
 pub mod entropy;
 pub mod forward;
 pub mod handlers;

@@ -256,6 +256,11 @@ impl Session<'_> {
                 handlers::remove_dirs(self.context, &body),
                 Then::Continue,
             ),
+            (Some(_), Request::SetDnsNames(body)) => Step::answer(
+                id,
+                handlers::set_dns_names(self.context, body),
+                Then::Continue,
+            ),
             (Some(_), Request::Shutdown) => {
                 let result = handlers::shutdown();
                 let then = if result.is_ok() {
@@ -349,6 +354,7 @@ fn request_name(request: &Request) -> &'static str {
         Request::UnpackLayer(_) => "UnpackLayer",
         Request::CreateDirs(_) => "CreateDirs",
         Request::RemoveDirs(_) => "RemoveDirs",
+        Request::SetDnsNames(_) => "SetDnsNames",
     }
 }
 

@@ -80,6 +80,9 @@ pub enum Request {
     /// Remove directories and everything in them under the agent's storage root; answered
     /// with `Done`. Missing ones are not an error.
     RemoveDirs(StorageDirs),
+    /// Replace the names the embedded DNS server answers on one network's gateway; answered
+    /// with `Done`.
+    SetDnsNames(crate::DnsNames),
 }
 
 /// What the agent answers.

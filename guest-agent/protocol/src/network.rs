@@ -80,6 +80,17 @@ pub struct Endpoint {
     pub mac: [u8; 6],
 }
 
+/// Body of [`crate::Request::SetDnsNames`]: every name on one user-defined network. The agent
+/// serves them by DNS on the network's gateway address (port 53, UDP), and forwards other
+/// questions to the uplink's forwarder.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsNames {
+    /// The network's gateway: where its containers send their questions.
+    pub gateway: Ipv4Addr,
+    /// Names (container names, aliases, short ids) and the address each resolves to.
+    pub names: Vec<(String, Ipv4Addr)>,
+}
+
 /// Where a forwarded connection or flow goes, as seen from the guest's own namespace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ForwardTarget {

@@ -289,3 +289,78 @@ fn a_container_reaches_a_server_on_the_hosts_loopback_by_the_host_alias() {
     assert_eq!(text(&fetched.stdout), "hello-the-host");
     server.join().expect("the server thread ends");
 }
+
+#[test]
+fn two_containers_on_a_user_network_reach_each_other_by_name_and_alias() {
+    let daemon = daemon_or_skip!();
+    daemon.load_busybox();
+    daemon.docker_ok(&["network", "create", "appnet"]);
+    run_web(
+        &daemon,
+        "web",
+        &["--network", "appnet", "--network-alias", "www"],
+    );
+    // Retried in the client: the server may still be starting.
+    let fetch = |host: &str| {
+        format!(
+            "for i in $(seq 60); do wget -q -O - http://{host}/ && exit 0; sleep 1; done; exit 1"
+        )
+    };
+
+    let by_name = daemon.docker(&[
+        "run",
+        "--rm",
+        "--network",
+        "appnet",
+        "busybox",
+        "sh",
+        "-c",
+        &fetch("web"),
+    ]);
+    let by_alias = daemon.docker(&[
+        "run",
+        "--rm",
+        "--network",
+        "appnet",
+        "busybox",
+        "sh",
+        "-c",
+        &fetch("www"),
+    ]);
+    let listed = daemon.docker_ok(&["network", "ls", "--format", "{{.Name}} {{.Driver}}"]);
+    let inspected = daemon.docker_ok(&[
+        "network",
+        "inspect",
+        "--format",
+        "{{range .IPAM.Config}}{{.Subnet}} {{.Gateway}}{{end}}",
+        "appnet",
+    ]);
+    let in_use = daemon.docker(&["network", "rm", "appnet"]);
+    daemon.docker_ok(&["rm", "-f", "web"]);
+    daemon.docker_ok(&["network", "rm", "appnet"]);
+    let gone = daemon.docker(&["network", "inspect", "appnet"]);
+
+    assert!(by_name.status.success(), "{}", text(&by_name.stderr));
+    assert_eq!(text(&by_name.stdout).trim(), PAGE);
+    assert_eq!(
+        text(&by_alias.stdout).trim(),
+        PAGE,
+        "{}",
+        text(&by_alias.stderr)
+    );
+    assert_eq!(
+        listed,
+        "appnet bridge\nbridge bridge\nhost host\nnone null\n"
+    );
+    assert_eq!(inspected.trim(), "172.18.0.0/16 172.18.0.1");
+    assert!(
+        text(&in_use.stderr).contains("has active endpoints"),
+        "{}",
+        text(&in_use.stderr)
+    );
+    assert!(
+        text(&gone.stderr).contains("network appnet not found"),
+        "{}",
+        text(&gone.stderr)
+    );
+}

@@ -8,7 +8,7 @@ use berth_engine::containers::io::StdinMessage;
 use berth_engine::containers::logs::{self, LogFilter, LogRecord, LogStream};
 use berth_engine::containers::spec::{ContainerSpec, HostSpec, RestartPolicy};
 use berth_engine::containers::{ContainerRecord, Status, ZERO_TIME};
-use berth_engine::network::{format_mac_of, DnsConfig, HostBinding, NetworkMode, DEFAULT_NETWORK};
+use berth_engine::network::{format_mac_of, DnsConfig, EndpointSpec, HostBinding, NetworkMode};
 use berth_engine::{Engine, WaitCondition};
 use bytes::Bytes;
 use hyper::body::Incoming;
@@ -44,6 +44,21 @@ pub struct CreateBody {
     pub exposed_ports: Option<HashMap<String, Value>>,
     pub volumes: Option<HashMap<String, Value>>,
     pub host_config: Option<HostConfigBody>,
+    pub networking_config: Option<NetworkingConfigBody>,
+}
+
+/// `NetworkingConfig`: the endpoint settings per network (aliases).
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct NetworkingConfigBody {
+    pub endpoints_config: Option<HashMap<String, Option<EndpointSettingsBody>>>,
+}
+
+/// One network's endpoint settings.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct EndpointSettingsBody {
+    pub aliases: Option<Vec<String>>,
 }
 
 /// `Cmd` and `Entrypoint` may be a list or (older clients) a single string.
@@ -152,6 +167,18 @@ fn container_spec(body: CreateBody) -> ApiResult<ContainerSpec> {
         ));
     }
     let port_bindings = port_bindings(host.port_bindings)?;
+    // Built-in networks take no endpoint settings; user networks keep their aliases.
+    let endpoints: BTreeMap<String, EndpointSpec> = body
+        .networking_config
+        .and_then(|n| n.endpoints_config)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(name, _)| !matches!(name.as_str(), "bridge" | "default" | "host" | "none"))
+        .map(|(name, settings)| {
+            let aliases = settings.and_then(|s| s.aliases).unwrap_or_default();
+            (name, EndpointSpec { aliases })
+        })
+        .collect();
     let entrypoint = body.entrypoint.map(|e| {
         let list = e.into_vec();
         // `--entrypoint ""` arrives as [""]: an empty entrypoint, not the image's.
@@ -214,6 +241,7 @@ fn container_spec(body: CreateBody) -> ApiResult<ContainerSpec> {
                 options: host.dns_options.unwrap_or_default(),
             },
             extra_hosts: host.extra_hosts.unwrap_or_default(),
+            endpoints,
         },
     })
 }
@@ -386,47 +414,41 @@ fn port_bindings_json(record: &ContainerRecord) -> Value {
     Value::Object(map)
 }
 
-/// `NetworkSettings.Networks`: the default bridge's endpoint while the container runs there,
-/// or the mode's network (`host`, `none`) with no address.
+/// `NetworkSettings.Networks`: each bridge endpoint while the container runs, or the mode's
+/// network (`host`, `none`) with no address.
 fn networks_json(record: &ContainerRecord) -> Value {
     let mode = network_mode(record);
     let mut networks = serde_json::Map::new();
-    match &record.network.bridge {
-        Some(endpoint) => {
-            networks.insert(
-                endpoint.network.clone(),
-                json!({
-                    "IPAMConfig": Value::Null,
-                    "Links": Value::Null,
-                    "Aliases": Value::Null,
-                    "MacAddress": format_mac_of(endpoint),
-                    "NetworkID": endpoint.network,
-                    "EndpointID": record.id,
-                    "Gateway": endpoint.gateway.to_string(),
-                    "IPAddress": endpoint.address.to_string(),
-                    "IPPrefixLen": endpoint.prefix_len,
-                    "IPv6Gateway": "",
-                    "GlobalIPv6Address": "",
-                    "GlobalIPv6PrefixLen": 0,
-                    "DNSNames": Value::Null,
-                }),
-            );
-        }
-        None if !mode.starts_with("container:") => {
-            let name = if mode == "default" {
-                DEFAULT_NETWORK.to_owned()
-            } else {
-                mode
-            };
-            networks.insert(
-                name.clone(),
-                json!({
-                    "NetworkID": name, "EndpointID": "", "Gateway": "", "IPAddress": "",
-                    "IPPrefixLen": 0, "MacAddress": "", "Aliases": Value::Null,
-                }),
-            );
-        }
-        None => {}
+    for endpoint in &record.network.endpoints {
+        let mut names = vec![record.name.clone(), record.id[..12].to_owned()];
+        names.extend(endpoint.aliases.iter().cloned());
+        networks.insert(
+            endpoint.network.clone(),
+            json!({
+                "IPAMConfig": Value::Null,
+                "Links": Value::Null,
+                "Aliases": endpoint.aliases,
+                "MacAddress": format_mac_of(endpoint),
+                "NetworkID": endpoint.network_id,
+                "EndpointID": record.id,
+                "Gateway": endpoint.gateway.to_string(),
+                "IPAddress": endpoint.address.to_string(),
+                "IPPrefixLen": endpoint.prefix_len,
+                "IPv6Gateway": "",
+                "GlobalIPv6Address": "",
+                "GlobalIPv6PrefixLen": 0,
+                "DNSNames": names,
+            }),
+        );
+    }
+    if networks.is_empty() && !mode.starts_with("container:") {
+        networks.insert(
+            mode.clone(),
+            json!({
+                "NetworkID": "", "EndpointID": "", "Gateway": "", "IPAddress": "",
+                "IPPrefixLen": 0, "MacAddress": "", "Aliases": Value::Null,
+            }),
+        );
     }
     Value::Object(networks)
 }
@@ -457,7 +479,12 @@ fn network_settings_json(record: &ContainerRecord, exposed: &[String]) -> Value 
             }
         }
     }
-    let bridge = record.network.bridge.as_ref();
+    // The top-level fields describe the default bridge's endpoint, as in dockerd.
+    let bridge = record
+        .network
+        .endpoints
+        .iter()
+        .find(|e| e.network == berth_engine::network::DEFAULT_NETWORK);
     json!({
         "Bridge": "",
         "SandboxID": "",

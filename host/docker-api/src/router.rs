@@ -14,7 +14,9 @@ use hyper::{Method, Request, StatusCode};
 use crate::body::{self, ApiResponse};
 use crate::error::{ApiError, ApiResult};
 use crate::query::Query;
-use crate::{containers, exec, images, system, API_VERSION, ENGINE_VERSION, MIN_API_VERSION};
+use crate::{
+    containers, exec, images, networks, system, API_VERSION, ENGINE_VERSION, MIN_API_VERSION,
+};
 
 /// A parsed `major.minor` API version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -131,6 +133,16 @@ async fn dispatch(
         (&M::POST, ["exec", id, "start"]) => exec::start(&engine, id, request).await,
         (&M::POST, ["exec", id, "resize"]) => exec::resize(&engine, id, &query).await,
         (&M::GET, ["exec", id, "json"]) => exec::inspect(&engine, id),
+
+        (&M::GET, ["networks"]) => networks::list(&engine, &query),
+        (&M::POST, ["networks", "create"]) => networks::create(&engine, request).await,
+        (&M::POST, ["networks", "prune"]) => networks::prune(&engine),
+        (&M::GET, ["networks", id]) => networks::inspect(&engine, id),
+        (&M::DELETE, ["networks", id]) => networks::remove(&engine, id),
+        (&M::POST, ["networks", id, "connect"]) => networks::connect(&engine, id, request).await,
+        (&M::POST, ["networks", id, "disconnect"]) => {
+            networks::disconnect(&engine, id, request).await
+        }
 
         (&M::GET, ["images", "json"]) => images::list(&engine, &query).await,
         (&M::POST, ["images", "load"]) => images::load(&engine, request).await,

@@ -419,6 +419,14 @@ impl AgentClient {
         self.call_done(Request::RemoveDirs(StorageDirs { paths }), "RemoveDirs")
     }
 
+    /// Replaces the names the guest's embedded DNS answers on one network.
+    pub fn set_dns_names(
+        &mut self,
+        names: agent_protocol::DnsNames,
+    ) -> Result<(), AgentClientError> {
+        self.call_done(Request::SetDnsNames(names), "SetDnsNames")
+    }
+
     fn call_done(&mut self, request: Request, name: &'static str) -> Result<(), AgentClientError> {
         match self.call(request)? {
             Response::Done => Ok(()),

@@ -31,6 +31,7 @@ use crate::events::Events;
 use crate::images::{Image, ImageError, ImageStore, ImageUser};
 use crate::machine::{describe, Machine, MachineError, Session};
 use crate::network::forward::{self, Forwarders};
+use crate::network::store::{self, Networks};
 use crate::network::{
     self as net, BridgeEndpoint, Ipam, NetworkMode, NetworkSettings, DEFAULT_NETWORK,
 };
@@ -140,6 +141,8 @@ pub struct Engine {
     last_info: Mutex<Option<SystemInfo>>,
     /// Addresses on the default bridge.
     ipam: Ipam,
+    /// User-defined networks.
+    pub networks: Networks,
     /// Published ports of running containers, by container id.
     forwarders: Mutex<HashMap<String, Forwarders>>,
 }
@@ -150,6 +153,8 @@ impl Engine {
     pub fn open(config: EngineConfig) -> Result<Arc<Self>, EngineError> {
         let images = ImageStore::open(&config.data_root.join("images"))?;
         let machine = Machine::new(config.vm.clone());
+        let networks = Networks::open(&config.data_root.join("networks"))
+            .map_err(|e| EngineError::Io("open the network records", e))?;
         let engine = Arc::new(Self {
             images: Arc::new(images),
             machine,
@@ -158,6 +163,7 @@ impl Engine {
             execs: Mutex::new(HashMap::new()),
             last_info: Mutex::new(None),
             ipam: Ipam::default_bridge(),
+            networks,
             forwarders: Mutex::new(HashMap::new()),
             config,
         });
@@ -279,6 +285,7 @@ impl Engine {
         spec: ContainerSpec,
     ) -> Result<Arc<Container>, EngineError> {
         spec::validate(&spec)?;
+        self.check_networks(&spec)?;
         let store = Arc::clone(&self.images);
         let reference = spec.image.clone();
         let image = blocking_image(move || store.resolve(&reference)).await?;
@@ -450,7 +457,7 @@ impl Engine {
         match self.try_launch(container).await {
             Ok(()) => Ok(()),
             Err(e) => {
-                self.release_network(container);
+                self.release_network(container).await;
                 let message = e.to_string();
                 let _ = container.update(|r| {
                     r.state.status = if r.state.started_at == crate::containers::ZERO_TIME {
@@ -515,7 +522,7 @@ impl Engine {
                     plan.own_address,
                     &record.spec.host.extra_hosts,
                 )?),
-                resolv_conf_file: Some(net::resolv_conf(&record.spec.host.dns)?),
+                resolv_conf_file: Some(net::resolv_conf(&record.spec.host.dns, plan.dns_server)?),
                 seccomp_unconfined,
                 network: Some(plan.wire),
             }),
@@ -536,6 +543,7 @@ impl Engine {
             self.delete_in_guest(&session, &container.id).await;
             return Err(e.into());
         }
+        self.refresh_dns(&session, &plan.on_networks).await;
         if let (Some(target), false) = (plan.forward_to, plan.bound.is_empty()) {
             let forwarders = forward::start(&session, &container.id, target, plan.bound)
                 .map_err(|e| EngineError::Io("serve the published ports", e))?;
@@ -560,8 +568,8 @@ impl Engine {
         Ok(())
     }
 
-    /// Decides the container's network for this run: an address on the default bridge
-    /// (recorded at once, so a failed launch releases it), and its published ports bound on
+    /// Decides the container's network for this run: addresses on its bridge networks
+    /// (recorded at once, so a failed launch releases them), and its published ports bound on
     /// the host, before anything happens in the guest.
     fn plan_network(
         &self,
@@ -570,45 +578,50 @@ impl Engine {
         exposed: &[String],
     ) -> Result<NetworkPlan, EngineError> {
         let host = &record.spec.host;
-        let (wire, endpoint, forward_to) = match NetworkMode::parse(&host.network_mode)? {
-            NetworkMode::None => (ContainerNetwork::None, None, None),
-            NetworkMode::Host => (ContainerNetwork::Host, None, Some(Ipv4Addr::LOCALHOST)),
+        let mode = NetworkMode::parse(&host.network_mode)?;
+        let (wire, endpoints, forward_to) = match &mode {
+            NetworkMode::None => (ContainerNetwork::None, Vec::new(), None),
+            NetworkMode::Host => (
+                ContainerNetwork::Host,
+                Vec::new(),
+                Some(Ipv4Addr::LOCALHOST),
+            ),
             NetworkMode::Container(reference) => {
-                let other = self.container(&reference)?;
+                let other = self.container(reference)?;
                 if !other.status().is_running() || other.id == container.id {
                     return Err(EngineError::InvalidArgument(format!(
                         "cannot join network namespace of a non running container: {reference}"
                     )));
                 }
-                let address = other.record().network.bridge.map(|b| b.address);
-                (
-                    ContainerNetwork::Container {
-                        id: other.id.clone(),
-                    },
-                    None,
-                    address,
-                )
+                let address = other.record().network.endpoints.first().map(|b| b.address);
+                let wire = ContainerNetwork::Container {
+                    id: other.id.clone(),
+                };
+                (wire, Vec::new(), address)
             }
-            NetworkMode::Bridge => {
-                let address = self.ipam.allocate()?;
-                let endpoint = BridgeEndpoint {
-                    network: DEFAULT_NETWORK.to_owned(),
-                    address,
-                    prefix_len: self.ipam.prefix_len(),
-                    gateway: self.ipam.gateway(),
-                    mac: net::mac_for(address),
-                };
+            NetworkMode::Bridge | NetworkMode::Named(_) => {
+                let endpoints = self.allocate_endpoints(&mode, host)?;
                 let wire = ContainerNetwork::Bridge {
-                    endpoints: vec![endpoint.to_wire("eth0")],
+                    endpoints: endpoints
+                        .iter()
+                        .enumerate()
+                        .map(|(i, e)| e.to_wire(&format!("eth{i}")))
+                        .collect(),
                 };
-                (wire, Some(endpoint), Some(address))
+                let first = endpoints.first().map(|e| e.address);
+                (wire, endpoints, first)
             }
         };
-        let own_address = endpoint.as_ref().map(|e| e.address);
+        let own_address = endpoints.first().map(|e| e.address);
+        let dns_server = endpoints
+            .iter()
+            .find(|e| e.network != DEFAULT_NETWORK)
+            .map(|e| e.gateway);
+        let on_networks = endpoints.iter().map(|e| e.network_id.clone()).collect();
         container
             .update(|r| {
                 r.network = NetworkSettings {
-                    bridge: endpoint,
+                    endpoints,
                     ports: Vec::new(),
                 }
             })
@@ -631,20 +644,139 @@ impl Engine {
         Ok(NetworkPlan {
             wire,
             own_address,
+            dns_server,
+            on_networks,
             forward_to,
             bound,
         })
     }
 
-    /// Ends the container's forwarders and returns its address: the run is over.
-    fn release_network(&self, container: &Arc<Container>) {
+    /// An address on the mode's network and on every other network the container was
+    /// connected to; nothing stays allocated if one fails.
+    fn allocate_endpoints(
+        &self,
+        mode: &NetworkMode,
+        host: &spec::HostSpec,
+    ) -> Result<Vec<BridgeEndpoint>, EngineError> {
+        let mut names: Vec<Option<&str>> = Vec::new();
+        match mode {
+            NetworkMode::Named(name) => names.push(Some(name)),
+            _ => names.push(None),
+        }
+        for name in host.endpoints.keys() {
+            if !matches!(mode, NetworkMode::Named(own) if own == name) {
+                names.push(Some(name));
+            }
+        }
+        let mut endpoints: Vec<BridgeEndpoint> = Vec::new();
+        for name in names {
+            match self.allocate_endpoint(name, host) {
+                Ok(endpoint) => endpoints.push(endpoint),
+                Err(e) => {
+                    for endpoint in &endpoints {
+                        self.release_endpoint(endpoint);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(endpoints)
+    }
+
+    /// An address on the user network `name`, or on the default bridge for `None`.
+    fn allocate_endpoint(
+        &self,
+        name: Option<&str>,
+        host: &spec::HostSpec,
+    ) -> Result<BridgeEndpoint, EngineError> {
+        let Some(name) = name else {
+            let address = self.ipam.allocate()?;
+            return Ok(BridgeEndpoint {
+                network: DEFAULT_NETWORK.to_owned(),
+                network_id: store::builtin_id(DEFAULT_NETWORK),
+                bridge: net::DEFAULT_BRIDGE.to_owned(),
+                aliases: Vec::new(),
+                address,
+                prefix_len: self.ipam.prefix_len(),
+                gateway: self.ipam.gateway(),
+                mac: net::mac_for(address),
+            });
+        };
+        let (network, ipam) = self.networks.get(name)?;
+        let address = ipam.allocate()?;
+        Ok(BridgeEndpoint {
+            network: network.name.clone(),
+            network_id: network.id.clone(),
+            bridge: network.bridge(),
+            aliases: host
+                .endpoints
+                .get(name)
+                .map(|e| e.aliases.clone())
+                .unwrap_or_default(),
+            address,
+            prefix_len: network.prefix_len,
+            gateway: network.gateway,
+            mac: net::mac_for(address),
+        })
+    }
+
+    fn release_endpoint(&self, endpoint: &BridgeEndpoint) {
+        if endpoint.network == DEFAULT_NETWORK {
+            self.ipam.release(endpoint.address);
+        } else if let Ok((_, ipam)) = self.networks.get(&endpoint.network_id) {
+            ipam.release(endpoint.address);
+        }
+    }
+
+    /// Ends the container's forwarders and returns its addresses: the run is over. The
+    /// embedded DNS of its user networks forgets its names.
+    async fn release_network(&self, container: &Arc<Container>) {
         lock(&self.forwarders).remove(&container.id);
+        let mut left = Vec::new();
         let _ = container.update(|r| {
-            if let Some(endpoint) = r.network.bridge.take() {
-                self.ipam.release(endpoint.address);
+            for endpoint in r.network.endpoints.drain(..) {
+                self.release_endpoint(&endpoint);
+                left.push(endpoint.network_id);
             }
             r.network = NetworkSettings::default();
         });
+        if let Some(session) = self.machine.current().await {
+            self.refresh_dns(&session, &left).await;
+        }
+    }
+
+    /// Sends the embedded DNS of each user network in `network_ids` the names of the
+    /// containers running on it: container name, short id and aliases.
+    async fn refresh_dns(&self, session: &Arc<Session>, network_ids: &[String]) {
+        for network_id in network_ids {
+            let Ok((network, _)) = self.networks.get(network_id) else {
+                continue;
+            };
+            let mut names = Vec::new();
+            for other in self.list() {
+                let record = other.record();
+                let Some(endpoint) = record
+                    .network
+                    .endpoints
+                    .iter()
+                    .find(|e| e.network_id == network.id)
+                else {
+                    continue;
+                };
+                names.push((record.name.clone(), endpoint.address));
+                names.push((record.id[..12].to_owned(), endpoint.address));
+                for alias in &endpoint.aliases {
+                    names.push((alias.clone(), endpoint.address));
+                }
+            }
+            let request = agent_protocol::DnsNames {
+                gateway: network.gateway,
+                names,
+            };
+            if let Err(e) = session.call(move |a| a.set_dns_names(request)).await {
+                warn!(network = %network.name, error = %describe(&e), "cannot update the embedded DNS");
+            }
+        }
     }
 
     /// Makes sure every layer of `image` is unpacked in the guest; returns the layer
@@ -763,7 +895,7 @@ impl Engine {
         if !session.is_dead() {
             self.delete_in_guest(&session, &container.id).await;
         }
-        self.release_network(&container);
+        self.release_network(&container).await;
         let record = container
             .update(|r| {
                 r.state.status = Status::Exited;
@@ -1258,6 +1390,10 @@ struct NetworkPlan {
     wire: ContainerNetwork,
     /// The container's own address, for its `/etc/hosts`.
     own_address: Option<Ipv4Addr>,
+    /// The embedded DNS server of its first user network, if it is on one.
+    dns_server: Option<Ipv4Addr>,
+    /// Ids of the networks it joins, whose DNS learns its names once it runs.
+    on_networks: Vec<String>,
     /// Where published ports go in the guest; `None` publishes nothing (`--network none`).
     forward_to: Option<Ipv4Addr>,
     /// Host sockets of the published ports, bound and not yet serving.

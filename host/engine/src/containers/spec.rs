@@ -100,6 +100,10 @@ pub struct HostSpec {
     /// `--add-host` entries, `name:ip`.
     #[serde(default)]
     pub extra_hosts: Vec<String>,
+    /// User-defined networks joined (the mode's own and `docker network connect`ed ones), by
+    /// name as given, with the aliases asked for on each.
+    #[serde(default)]
+    pub endpoints: BTreeMap<String, crate::network::EndpointSpec>,
 }
 
 /// When a container is started again after it exits.
@@ -184,7 +188,7 @@ fn validate_network(spec: &ContainerSpec) -> Result<(), crate::network::NetworkE
         &spec.exposed_ports,
     )?;
     network::hosts_file("h", None, &spec.host.extra_hosts)?;
-    network::resolv_conf(&spec.host.dns)?;
+    network::resolv_conf(&spec.host.dns, None)?;
     Ok(())
 }
 

@@ -8,6 +8,8 @@
 //! container. No privileges, no TAP device, no firewall rules on the host.
 
 pub mod forward;
+pub mod ops;
+pub mod store;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -41,6 +43,14 @@ pub enum NetworkError {
     Invalid(String),
     #[error("network {0} not found")]
     NoSuchNetwork(String),
+    #[error("network with name {0} already exists")]
+    Exists(String),
+    #[error("{0} is a pre-defined network and cannot be removed")]
+    Builtin(String),
+    #[error("error while removing network: network {0} id {1} has active endpoints")]
+    InUse(String, String),
+    #[error("cannot {0}: {1}")]
+    Store(&'static str, #[source] std::io::Error),
     #[error("no more addresses in network {0}")]
     Exhausted(String),
     #[error("driver failed programming external connectivity on endpoint {name} ({id}): Bind for {address}:{port} failed: port is already allocated")]
@@ -68,9 +78,11 @@ impl NetworkError {
         match self {
             Self::Invalid(_) => ErrorKind::InvalidArgument,
             Self::NoSuchNetwork(_) => ErrorKind::NotFound,
-            Self::Exhausted(_) | Self::PortAllocated { .. } | Self::Listen { .. } => {
-                ErrorKind::Internal
-            }
+            Self::Exists(_) | Self::InUse(..) | Self::Builtin(_) => ErrorKind::Conflict,
+            Self::Exhausted(_)
+            | Self::PortAllocated { .. }
+            | Self::Listen { .. }
+            | Self::Store(..) => ErrorKind::Internal,
         }
     }
 }
@@ -86,6 +98,8 @@ pub enum NetworkMode {
     Host,
     /// Another container's namespace, by reference.
     Container(String),
+    /// A user-defined network, by name or id.
+    Named(String),
 }
 
 impl NetworkMode {
@@ -100,7 +114,7 @@ impl NetworkMode {
                     "invalid network mode: container: needs a container name or id".into(),
                 )),
                 Some(reference) => Ok(Self::Container(reference.to_owned())),
-                None => Err(NetworkError::NoSuchNetwork(other.to_owned())),
+                None => Ok(Self::Named(other.to_owned())),
             },
         }
     }
@@ -240,8 +254,9 @@ pub struct PublishedPort {
 /// A running container's place on the networks: `NetworkSettings` in inspect.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetworkSettings {
-    /// Its endpoint on the default bridge, when it has one.
-    pub bridge: Option<BridgeEndpoint>,
+    /// Its endpoints on bridge networks; the first carries the default route.
+    #[serde(default)]
+    pub endpoints: Vec<BridgeEndpoint>,
     /// Ports published on the host.
     pub ports: Vec<PublishedPort>,
 }
@@ -251,6 +266,15 @@ pub struct NetworkSettings {
 pub struct BridgeEndpoint {
     /// The Docker network's name.
     pub network: String,
+    /// The Docker network's id.
+    #[serde(default)]
+    pub network_id: String,
+    /// The bridge device in the guest.
+    #[serde(default)]
+    pub bridge: String,
+    /// Names the embedded DNS answers for the container on this network, besides its own.
+    #[serde(default)]
+    pub aliases: Vec<String>,
     /// The container's address.
     pub address: Ipv4Addr,
     /// The subnet's prefix length.
@@ -266,7 +290,7 @@ impl BridgeEndpoint {
     pub fn to_wire(&self, ifname: &str) -> Endpoint {
         Endpoint {
             network: BridgeNetwork {
-                bridge: DEFAULT_BRIDGE.to_owned(),
+                bridge: self.bridge.clone(),
                 gateway: self.gateway,
                 prefix_len: self.prefix_len,
             },
@@ -391,13 +415,14 @@ pub fn hosts_file(
 
 /// `/etc/resolv.conf` from `--dns`, `--dns-search` and `--dns-option`; without `--dns`, the
 /// uplink's DNS forwarder (which asks the host's resolver).
-pub fn resolv_conf(dns: &DnsConfig) -> Result<String, NetworkError> {
+///
+/// On a user-defined network the default server is the network's embedded DNS (`embedded`),
+/// which answers container names and forwards the rest.
+pub fn resolv_conf(dns: &DnsConfig, embedded: Option<Ipv4Addr>) -> Result<String, NetworkError> {
     let mut text = String::new();
     if dns.servers.is_empty() {
-        text.push_str(&format!(
-            "nameserver {}\n",
-            agent_protocol::network::UPLINK_DNS
-        ));
+        let server = embedded.unwrap_or(agent_protocol::network::UPLINK_DNS);
+        text.push_str(&format!("nameserver {server}\n"));
     }
     for server in &dns.servers {
         if server.parse::<std::net::IpAddr>().is_err() {
@@ -420,6 +445,14 @@ pub fn resolv_conf(dns: &DnsConfig) -> Result<String, NetworkError> {
         text.push_str(&format!("options {}\n", dns.options.join(" ")));
     }
     Ok(text)
+}
+
+/// What one container asked of one network at create or connect: `--network-alias`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointSpec {
+    /// Extra names for the container on that network.
+    #[serde(default)]
+    pub aliases: Vec<String>,
 }
 
 /// `--dns`, `--dns-search`, `--dns-option`.
@@ -480,11 +513,11 @@ mod tests {
     }
 
     #[test]
-    fn network_mode_parse_unknown_network_is_not_found() {
-        let error = NetworkMode::parse("mynet").unwrap_err();
-
-        assert_eq!(error.kind(), ErrorKind::NotFound);
-        assert_eq!(error.to_string(), "network mynet not found");
+    fn network_mode_parse_other_name_is_a_user_network() {
+        assert_eq!(
+            NetworkMode::parse("mynet").unwrap(),
+            NetworkMode::Named("mynet".into())
+        );
     }
 
     #[test]
@@ -601,7 +634,7 @@ mod tests {
         };
 
         assert_eq!(
-            resolv_conf(&dns).unwrap(),
+            resolv_conf(&dns, None).unwrap(),
             "nameserver 1.1.1.1\nsearch example.com\noptions ndots:2\n"
         );
     }
@@ -609,7 +642,7 @@ mod tests {
     #[test]
     fn resolv_conf_without_dns_uses_the_uplink_forwarder() {
         assert_eq!(
-            resolv_conf(&DnsConfig::default()).unwrap(),
+            resolv_conf(&DnsConfig::default(), None).unwrap(),
             "nameserver 10.0.2.3\n"
         );
     }
@@ -621,7 +654,7 @@ mod tests {
             ..DnsConfig::default()
         };
 
-        assert!(resolv_conf(&dns).is_err());
+        assert!(resolv_conf(&dns, None).is_err());
     }
 
     #[test]
