@@ -20,6 +20,8 @@ packages=(
   curl bsdutils
   # The anchor of `berth bench container`.
   crun
+  # The compose client of the networking tests (docker-compose 1.29, on docker-py).
+  docker-compose
 )
 
 missing=()

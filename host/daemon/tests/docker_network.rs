@@ -364,3 +364,63 @@ fn two_containers_on_a_user_network_reach_each_other_by_name_and_alias() {
         text(&gone.stderr)
     );
 }
+
+/// Debian's docker-compose 1.29 (`tests/install-deps.sh` installs it).
+const COMPOSE: &str = "/usr/bin/docker-compose";
+
+/// A busybox httpd and a client that fetches its page by service name.
+const COMPOSE_PROJECT: &str = r#"version: "3"
+services:
+  web:
+    image: busybox
+    command: sh -c "mkdir -p /www && echo hello-compose > /www/index.html && exec httpd -f -p 80 -h /www"
+  client:
+    image: busybox
+    depends_on: [web]
+    command: sh -c "for i in $$(seq 60); do wget -q -O - http://web/ && exit 0; sleep 1; done; exit 1"
+"#;
+
+fn compose(daemon: &TestDaemon, project: &std::path::Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new("timeout")
+        .args(["-s", "KILL", "300", COMPOSE, "--no-ansi", "-p", "demo"])
+        .args(args)
+        .current_dir(project)
+        .env("DOCKER_HOST", daemon.docker_host())
+        .env("COMPOSE_INTERACTIVE_NO_CLI", "1")
+        .output()
+        .expect("docker-compose runs")
+}
+
+#[test]
+fn compose_brings_up_a_two_service_project_and_takes_it_down() {
+    if !std::path::Path::new(COMPOSE).is_file() {
+        return skip(&format!(
+            "{COMPOSE} is missing (tests/install-deps.sh installs it)"
+        ));
+    }
+    let daemon = daemon_or_skip!();
+    daemon.load_busybox();
+    let project = daemon.dir.path().join("project");
+    std::fs::create_dir_all(&project).expect("project dir");
+    std::fs::write(project.join("docker-compose.yml"), COMPOSE_PROJECT).expect("compose file");
+
+    let up = compose(&daemon, &project, &["up", "-d"]);
+    let deadline = Instant::now() + SERVER_READY;
+    let mut logs = String::new();
+    while Instant::now() < deadline && !logs.contains("hello-compose") {
+        std::thread::sleep(Duration::from_millis(500));
+        logs = text(&compose(&daemon, &project, &["logs", "client"]).stdout);
+    }
+    let ps = text(&compose(&daemon, &project, &["ps"]).stdout);
+    let down = compose(&daemon, &project, &["down"]);
+    let left = daemon.docker_ok(&["ps", "-a", "-q"]);
+    let networks = daemon.docker_ok(&["network", "ls", "--format", "{{.Name}}"]);
+
+    assert!(up.status.success(), "{}", text(&up.stderr));
+    assert!(logs.contains("hello-compose"), "client logs: {logs}");
+    assert!(ps.contains("demo_web_1") && ps.contains("Up"), "{ps}");
+    assert!(ps.contains("demo_client_1"), "{ps}");
+    assert!(down.status.success(), "{}", text(&down.stderr));
+    assert_eq!(left, "", "down removes the containers");
+    assert_eq!(networks, "bridge\nhost\nnone\n", "down removes the network");
+}

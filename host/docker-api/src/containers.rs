@@ -282,24 +282,29 @@ pub fn list(engine: &Arc<Engine>, query: &Query) -> ApiResult<ApiResponse> {
 
 fn matches_filters(record: &ContainerRecord, filters: &HashMap<String, Vec<String>>) -> bool {
     filters.iter().all(|(name, values)| {
+        let matches = |value: &String| match name.as_str() {
+            "id" => record.id.starts_with(value.as_str()),
+            "name" => record.name.contains(value.trim_start_matches('/')),
+            "status" => record.state.status.as_str() == value,
+            "exited" => {
+                record.state.status == Status::Exited
+                    && record.state.exit_code.to_string() == *value
+            }
+            "label" => match value.split_once('=') {
+                Some((k, v)) => record.spec.labels.get(k).is_some_and(|l| l == v),
+                None => record.spec.labels.contains_key(value.as_str()),
+            },
+            "ancestor" => record.spec.image == *value || record.image_id.contains(value.as_str()),
+            _ => true,
+        };
+        // As in dockerd: every label filter must match (compose selects a project's service
+        // with several), other filters match any of their values.
         values.is_empty()
-            || values.iter().any(|value| match name.as_str() {
-                "id" => record.id.starts_with(value.as_str()),
-                "name" => record.name.contains(value.trim_start_matches('/')),
-                "status" => record.state.status.as_str() == value,
-                "exited" => {
-                    record.state.status == Status::Exited
-                        && record.state.exit_code.to_string() == *value
-                }
-                "label" => match value.split_once('=') {
-                    Some((k, v)) => record.spec.labels.get(k).is_some_and(|l| l == v),
-                    None => record.spec.labels.contains_key(value.as_str()),
-                },
-                "ancestor" => {
-                    record.spec.image == *value || record.image_id.contains(value.as_str())
-                }
-                _ => true,
-            })
+            || if name == "label" {
+                values.iter().all(matches)
+            } else {
+                values.iter().any(matches)
+            }
     })
 }
 
