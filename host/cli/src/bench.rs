@@ -83,6 +83,34 @@ pub enum BenchCommand {
         #[arg(long)]
         record: Option<PathBuf>,
     },
+    /// Connection rate and throughput through a published port (host client to busybox
+    /// httpd in a container), against the same client and server on the host's loopback.
+    Ports {
+        /// Sequential small requests of each kind (connection rate).
+        #[arg(long, default_value_t = 300)]
+        requests: usize,
+        /// Downloads of the large file of each kind (throughput).
+        #[arg(long, default_value_t = 5)]
+        downloads: usize,
+        /// Size of the large file in MiB.
+        #[arg(long, default_value_t = 32)]
+        size_mib: usize,
+        /// The busybox image as a docker-archive (`tests/images/make-busybox.sh` writes one).
+        #[arg(long)]
+        archive: PathBuf,
+        /// The berthd binary; by default the one beside this `berth`.
+        #[arg(long)]
+        berthd: Option<PathBuf>,
+        /// The docker CLI.
+        #[arg(long, default_value = "/usr/local/bin/docker")]
+        docker: PathBuf,
+        /// The static busybox whose httpd is the host anchor.
+        #[arg(long, default_value = "/bin/busybox")]
+        busybox: PathBuf,
+        /// Replace the `ports` section of this markdown file with the results.
+        #[arg(long)]
+        record: Option<PathBuf>,
+    },
 }
 
 pub fn run(command: BenchCommand) -> anyhow::Result<()> {
@@ -121,21 +149,49 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
             };
             bench_run(runs, &archive, &tools, record.as_deref())
         }
+        BenchCommand::Ports {
+            requests,
+            downloads,
+            size_mib,
+            archive,
+            berthd,
+            docker,
+            busybox,
+            record,
+        } => {
+            let berthd = match berthd {
+                Some(path) => path,
+                None => std::env::current_exe()
+                    .context("locating berth")?
+                    .with_file_name("berthd"),
+            };
+            let tools = RunTools {
+                berthd,
+                docker,
+                busybox,
+            };
+            let plan = crate::bench_ports::PortsPlan {
+                requests,
+                downloads,
+                size_mib,
+            };
+            crate::bench_ports::run(&plan, &archive, &tools, record.as_deref())
+        }
     }
 }
 
-/// The programs `bench run` drives.
+/// The programs `bench run` and `bench ports` drive.
 #[derive(Debug)]
-struct RunTools {
-    berthd: PathBuf,
-    docker: PathBuf,
-    busybox: PathBuf,
+pub(crate) struct RunTools {
+    pub(crate) berthd: PathBuf,
+    pub(crate) docker: PathBuf,
+    pub(crate) busybox: PathBuf,
 }
 
 /// A berthd started for a benchmark, stopped (VM included) when dropped.
-struct BenchDaemon {
+pub(crate) struct BenchDaemon {
     child: std::process::Child,
-    socket: PathBuf,
+    pub(crate) socket: PathBuf,
 }
 
 impl Drop for BenchDaemon {
@@ -154,7 +210,7 @@ impl Drop for BenchDaemon {
     }
 }
 
-fn docker(tools: &RunTools, socket: &Path, args: &[&str]) -> anyhow::Result<String> {
+pub(crate) fn docker(tools: &RunTools, socket: &Path, args: &[&str]) -> anyhow::Result<String> {
     let output = Command::new(&tools.docker)
         .args(args)
         .env("DOCKER_HOST", format!("unix://{}", socket.display()))
@@ -249,7 +305,11 @@ fn bench_run(
     Ok(())
 }
 
-fn start_daemon(tools: &RunTools, dir: &Path, log: &fs::File) -> anyhow::Result<BenchDaemon> {
+pub(crate) fn start_daemon(
+    tools: &RunTools,
+    dir: &Path,
+    log: &fs::File,
+) -> anyhow::Result<BenchDaemon> {
     let socket = dir.join("docker.sock");
     let child = Command::new(&tools.berthd)
         .env("BERTH_SOCKET", &socket)

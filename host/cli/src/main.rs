@@ -5,6 +5,7 @@
 
 mod bench;
 mod bench_container;
+mod bench_ports;
 
 use std::io::Write;
 use std::path::PathBuf;
