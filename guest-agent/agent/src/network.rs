@@ -104,16 +104,16 @@ pub fn configure_uplink() -> Result<bool, NetworkError> {
     Ok(true)
 }
 
-/// Creates `network`'s bridge with its gateway address if the guest lacks it; returns its
-/// index.
+/// Creates `network`'s bridge if the guest lacks it, gives it the gateway address and brings
+/// it up; returns its index.
 pub fn ensure_bridge(netlink: &mut Netlink, network: &BridgeNetwork) -> Result<u32, NetworkError> {
     check_name(&network.bridge)?;
-    if let Ok(index) = netlink::index_of(&network.bridge) {
-        return Ok(index);
-    }
     let failed = |e| NetworkError::Bridge(network.bridge.clone(), e);
-    ignore_exists(netlink.request(netlink::new_bridge(&network.bridge))).map_err(failed)?;
+    if netlink::index_of(&network.bridge).is_err() {
+        ignore_exists(netlink.request(netlink::new_bridge(&network.bridge))).map_err(failed)?;
+    }
     let index = netlink::index_of(&network.bridge).map_err(failed)?;
+    // Also for a bridge that exists: a network created again on the same subnet reuses it.
     ignore_exists(netlink.request(netlink::new_address(
         index,
         network.gateway,

@@ -413,6 +413,15 @@ fn compose_brings_up_a_two_service_project_and_takes_it_down() {
     }
     let ps = text(&compose(&daemon, &project, &["ps"]).stdout);
     let down = compose(&daemon, &project, &["down"]);
+    // Again in the same VM: the new network gets the same subnet as the removed one.
+    compose(&daemon, &project, &["up", "-d"]);
+    let deadline = Instant::now() + SERVER_READY;
+    let mut again = String::new();
+    while Instant::now() < deadline && !again.contains("hello-compose") {
+        std::thread::sleep(Duration::from_millis(500));
+        again = text(&compose(&daemon, &project, &["logs", "client"]).stdout);
+    }
+    compose(&daemon, &project, &["down"]);
     let left = daemon.docker_ok(&["ps", "-a", "-q"]);
     let networks = daemon.docker_ok(&["network", "ls", "--format", "{{.Name}}"]);
 
@@ -421,6 +430,10 @@ fn compose_brings_up_a_two_service_project_and_takes_it_down() {
     assert!(ps.contains("demo_web_1") && ps.contains("Up"), "{ps}");
     assert!(ps.contains("demo_client_1"), "{ps}");
     assert!(down.status.success(), "{}", text(&down.stderr));
+    assert!(
+        again.contains("hello-compose"),
+        "second up, client logs: {again}"
+    );
     assert_eq!(left, "", "down removes the containers");
     assert_eq!(networks, "bridge\nhost\nnone\n", "down removes the network");
 }

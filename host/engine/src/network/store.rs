@@ -44,9 +44,12 @@ pub struct NetworkRecord {
 }
 
 impl NetworkRecord {
-    /// The bridge device in the guest: `br-` and the first 12 characters of the id.
+    /// The bridge device in the guest, named after the subnet (`br-ac120000` for
+    /// 172.18.0.0): subnets of existing networks never overlap, and a network created again
+    /// on a subnet reuses the bridge a removed one left in a running guest instead of adding a
+    /// second bridge with the same gateway address.
     pub fn bridge(&self) -> String {
-        format!("br-{}", &self.id[..12])
+        format!("br-{:08x}", u32::from(self.subnet))
     }
 }
 
@@ -351,6 +354,6 @@ mod tests {
             attachable: false,
         };
 
-        assert_eq!(record.bridge().len(), 15);
+        assert_eq!(record.bridge(), "br-ac120000");
     }
 }
