@@ -20,8 +20,9 @@ packages=(
   curl bsdutils
   # The anchor of `berth bench container`.
   crun
-  # The compose client of the networking tests (docker-compose 1.29, on docker-py).
-  docker-compose
+  # The compose client of the networking tests (docker-compose 1.29, on docker-py), and the
+  # UDP echo server of the UDP port-publishing test.
+  docker-compose socat
 )
 
 missing=()

@@ -437,3 +437,94 @@ fn compose_brings_up_a_two_service_project_and_takes_it_down() {
     assert_eq!(left, "", "down removes the containers");
     assert_eq!(networks, "bridge\nhost\nnone\n", "down removes the network");
 }
+
+/// Debian's socat (`tests/install-deps.sh` installs it): the UDP echo server of the UDP test.
+const SOCAT: &str = "/usr/bin/socat";
+
+/// Imports an image holding the host's socat and the shared libraries it links (the busybox
+/// test image has no UDP server).
+fn import_socat_image(daemon: &TestDaemon) {
+    let root = daemon.dir.path().join("socat-root");
+    let ldd = std::process::Command::new("ldd")
+        .arg(SOCAT)
+        .output()
+        .expect("ldd runs");
+    let mut files = vec![SOCAT.to_owned()];
+    for line in text(&ldd.stdout).lines() {
+        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
+        let path = line
+            .split("=>")
+            .last()
+            .and_then(|rest| rest.split_whitespace().next())
+            .filter(|p| p.starts_with('/'));
+        files.extend(path.map(str::to_owned));
+    }
+    for file in &files {
+        let target = root.join(file.trim_start_matches('/'));
+        std::fs::create_dir_all(target.parent().expect("a parent")).expect("mkdir");
+        // Follows symlinks: the image gets the library itself under the name ldd printed.
+        std::fs::copy(file, &target).unwrap_or_else(|e| panic!("copy {file}: {e}"));
+    }
+    let tarball = daemon.dir.path().join("socat.tar");
+    let status = std::process::Command::new("tar")
+        .args(["-C"])
+        .arg(&root)
+        .args(["-cf"])
+        .arg(&tarball)
+        .arg(".")
+        .status()
+        .expect("tar runs");
+    assert!(status.success(), "tar failed");
+    daemon.docker_ok(&["import", &tarball.display().to_string(), "udpecho:1"]);
+}
+
+#[test]
+fn a_published_udp_port_carries_a_datagram_both_ways() {
+    if !std::path::Path::new(SOCAT).is_file() {
+        return skip(&format!(
+            "{SOCAT} is missing (tests/install-deps.sh installs it)"
+        ));
+    }
+    let daemon = daemon_or_skip!();
+    import_socat_image(&daemon);
+    let port = {
+        let probe = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+        probe.local_addr().expect("address").port()
+    };
+    let publish = format!("127.0.0.1:{port}:5353/udp");
+    daemon.docker_ok(&[
+        "run",
+        "-d",
+        "--name",
+        "echo",
+        "-p",
+        &publish,
+        "udpecho:1",
+        "/usr/bin/socat",
+        "UDP4-RECVFROM:5353,fork",
+        "PIPE",
+    ]);
+    let client = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind a client");
+    client
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    client
+        .connect((Ipv4Addr::LOCALHOST, port))
+        .expect("connect");
+
+    // Resent until answered: the server starts after `docker run` returns, and UDP may drop.
+    let deadline = Instant::now() + SERVER_READY;
+    let mut answer = Vec::new();
+    while answer.is_empty() && Instant::now() < deadline {
+        client.send(b"ping over udp").expect("send");
+        let mut buffer = [0u8; 64];
+        if let Ok(len) = client.recv(&mut buffer) {
+            answer = buffer[..len].to_vec();
+        }
+    }
+    let ps = daemon.docker_ok(&["ps", "--format", "{{.Ports}}"]);
+    daemon.docker_ok(&["rm", "-f", "echo"]);
+
+    assert_eq!(answer, b"ping over udp");
+    assert_eq!(ps.trim(), format!("127.0.0.1:{port}->5353/udp"));
+}
