@@ -528,3 +528,32 @@ fn a_published_udp_port_carries_a_datagram_both_ways() {
     assert_eq!(answer, b"ping over udp");
     assert_eq!(ps.trim(), format!("127.0.0.1:{port}->5353/udp"));
 }
+
+#[test]
+fn publish_all_and_a_host_port_range_pick_free_ports() {
+    let daemon = daemon_or_skip!();
+    daemon.load_busybox();
+    let taken = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+    let first = taken.local_addr().expect("address").port();
+    // A two-port range whose first port is taken: the second is used.
+    let range = format!("127.0.0.1:{first}-{}:80", first + 1);
+
+    run_web(&daemon, "all", &["-P", "--expose", "80"]);
+    run_web(&daemon, "ranged", &["-p", &range]);
+    let all = daemon.docker_ok(&["port", "all", "80/tcp"]);
+    let ranged = daemon.docker_ok(&["port", "ranged", "80/tcp"]);
+    let any_port: u16 = all
+        .trim()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("docker port printed {all:?}"));
+    let through_any = wait_for_page(any_port);
+    let through_range = wait_for_page(first + 1);
+    daemon.docker_ok(&["rm", "-f", "all", "ranged"]);
+
+    assert!(all.starts_with("0.0.0.0:"), "{all}");
+    assert_eq!(ranged.trim(), format!("127.0.0.1:{}", first + 1));
+    assert!(through_any.contains(PAGE));
+    assert!(through_range.contains(PAGE));
+}

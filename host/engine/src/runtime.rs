@@ -545,9 +545,15 @@ impl Engine {
         }
         self.refresh_dns(&session, &plan.on_networks).await;
         if let (Some(target), false) = (plan.forward_to, plan.bound.is_empty()) {
-            let forwarders = forward::start(&session, &container.id, target, plan.bound)
-                .map_err(|e| EngineError::Io("serve the published ports", e))?;
-            lock(&self.forwarders).insert(container.id.clone(), forwarders);
+            // The container runs already: a port that cannot be served is logged, not fatal.
+            match forward::start(&session, &container.id, target, plan.bound) {
+                Ok(forwarders) => {
+                    lock(&self.forwarders).insert(container.id.clone(), forwarders);
+                }
+                Err(e) => {
+                    warn!(id = %container.id, error = %e, "cannot serve the published ports")
+                }
+            }
         }
         container
             .update(|r| {
