@@ -443,6 +443,34 @@ impl Containers {
         Ok(())
     }
 
+    /// Plugs a running container into one more network.
+    pub fn do_connect_network(
+        &self,
+        request: &agent_protocol::NetworkAttachment,
+    ) -> Result<(), ContainersError> {
+        let pid = self.running_init_pid(&request.id)?;
+        Ok(crate::network::attach(&request.id, pid, &request.endpoint)?)
+    }
+
+    /// Unplugs one interface of a running container.
+    pub fn do_disconnect_network(
+        &self,
+        request: &agent_protocol::NetworkDetachment,
+    ) -> Result<(), ContainersError> {
+        let pid = self.running_init_pid(&request.id)?;
+        Ok(crate::network::detach(pid, &request.ifname)?)
+    }
+
+    fn running_init_pid(&self, id: &str) -> Result<u32, ContainersError> {
+        let entry = self.entry(id)?;
+        let pid = lock(&entry.container)
+            .as_ref()
+            .filter(|_| entry.init.exit.get().is_none())
+            .map(|c| c.init().pid())
+            .ok_or_else(|| ContainersError::NoContainer(id.to_owned()))?;
+        Ok(pid_u32(pid)?)
+    }
+
     /// Starts a created container.
     pub fn do_start(&self, id: &str) -> Result<(), ContainersError> {
         self.with_container(id, Container::start)

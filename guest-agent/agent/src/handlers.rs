@@ -345,6 +345,30 @@ pub fn set_dns_names(
         })
 }
 
+/// `ConnectNetwork`: one more network for a running container.
+pub fn connect_network(
+    context: &AgentContext,
+    request: &agent_protocol::NetworkAttachment,
+) -> Result<Response, AgentError> {
+    context
+        .containers
+        .do_connect_network(request)
+        .map(|()| Response::Done)
+        .map_err(|e| container_error(&e))
+}
+
+/// `DisconnectNetwork`: one interface less for a running container.
+pub fn disconnect_network(
+    context: &AgentContext,
+    request: &agent_protocol::NetworkDetachment,
+) -> Result<Response, AgentError> {
+    context
+        .containers
+        .do_disconnect_network(request)
+        .map(|()| Response::Done)
+        .map_err(|e| container_error(&e))
+}
+
 /// Maps a container failure onto the wire: what the host named wrongly, what conflicts with
 /// the current state, what the layer or config got wrong, and the rest as internal.
 pub fn container_error(error: &ContainersError) -> AgentError {

@@ -17,6 +17,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 // Message types and flags (linux/netlink.h, linux/rtnetlink.h).
 const NLMSG_ERROR: u16 = 2;
 const RTM_NEWLINK: u16 = 16;
+const RTM_DELLINK: u16 = 17;
 const RTM_NEWADDR: u16 = 20;
 const RTM_NEWROUTE: u16 = 24;
 const NLM_F_REQUEST: u16 = 0x1;
@@ -177,6 +178,11 @@ pub fn set_up(index: u32, master: Option<u32>) -> Message {
         Some(master) => message.attr(IFLA_MASTER, &master.to_ne_bytes()),
         None => message,
     }
+}
+
+/// `ip link del <index>` (a veth takes its peer with it).
+pub fn del_link(index: u32) -> Message {
+    Message::new(RTM_DELLINK, 0).ifinfo(index, 0, 0)
 }
 
 /// `ip addr add <address>/<prefix_len> dev <index>`.

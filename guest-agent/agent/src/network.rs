@@ -53,25 +53,57 @@ pub enum NetworkError {
 pub fn connect(container_id: &str, pid: u32, endpoints: &[Endpoint]) -> Result<(), NetworkError> {
     let netns = File::open(format!("/proc/{pid}/ns/net")).map_err(NetworkError::Namespace)?;
     let mut netlink = Netlink::open().map_err(NetworkError::Netlink)?;
-    for (index, endpoint) in endpoints.iter().enumerate() {
-        check_name(&endpoint.ifname)?;
-        let bridge = ensure_bridge(&mut netlink, &endpoint.network)?;
-        let host_end = host_veth_name(container_id, index);
-        netlink
-            .request(netlink::new_veth(
-                &host_end,
-                &endpoint.ifname,
-                &endpoint.mac,
-                netns.as_raw_fd(),
-            ))
-            .map_err(|e| NetworkError::Veth(host_end.clone(), e))?;
-        let host_index =
-            netlink::index_of(&host_end).map_err(|e| NetworkError::Veth(host_end.clone(), e))?;
-        netlink
-            .request(netlink::set_up(host_index, Some(bridge)))
-            .map_err(|e| NetworkError::Veth(host_end.clone(), e))?;
+    for endpoint in endpoints {
+        plug(&mut netlink, container_id, &netns, endpoint)?;
     }
-    configure_inside(netns, endpoints.to_vec())
+    configure_inside(netns, endpoints.to_vec(), true)
+}
+
+/// Plugs a running container into one more network, without touching its default route.
+pub fn attach(container_id: &str, pid: u32, endpoint: &Endpoint) -> Result<(), NetworkError> {
+    let netns = File::open(format!("/proc/{pid}/ns/net")).map_err(NetworkError::Namespace)?;
+    let mut netlink = Netlink::open().map_err(NetworkError::Netlink)?;
+    plug(&mut netlink, container_id, &netns, endpoint)?;
+    configure_inside(netns, vec![endpoint.clone()], false)
+}
+
+/// Removes interface `ifname` from the running container whose init is `pid`; its veth peer on
+/// the bridge goes with it.
+pub fn detach(pid: u32, ifname: &str) -> Result<(), NetworkError> {
+    check_name(ifname)?;
+    let netns = File::open(format!("/proc/{pid}/ns/net")).map_err(NetworkError::Namespace)?;
+    let ifname = ifname.to_owned();
+    in_namespace(netns, move |netlink| {
+        let failed = |e| NetworkError::Inside(ifname.clone(), e);
+        let index = netlink::index_of(&ifname).map_err(failed)?;
+        netlink.request(netlink::del_link(index)).map_err(failed)
+    })
+}
+
+/// The veth pair of one endpoint: the peer born in the container's namespace, the guest end
+/// on the bridge and up.
+fn plug(
+    netlink: &mut Netlink,
+    container_id: &str,
+    netns: &File,
+    endpoint: &Endpoint,
+) -> Result<(), NetworkError> {
+    check_name(&endpoint.ifname)?;
+    let bridge = ensure_bridge(netlink, &endpoint.network)?;
+    let host_end = host_veth_name(container_id, &endpoint.ifname);
+    netlink
+        .request(netlink::new_veth(
+            &host_end,
+            &endpoint.ifname,
+            &endpoint.mac,
+            netns.as_raw_fd(),
+        ))
+        .map_err(|e| NetworkError::Veth(host_end.clone(), e))?;
+    let host_index =
+        netlink::index_of(&host_end).map_err(|e| NetworkError::Veth(host_end.clone(), e))?;
+    netlink
+        .request(netlink::set_up(host_index, Some(bridge)))
+        .map_err(|e| NetworkError::Veth(host_end.clone(), e))
 }
 
 /// Configures the guest's uplink if the VM has one (`eth0`, virtio-net): slirp's static
@@ -128,39 +160,54 @@ pub fn ensure_bridge(netlink: &mut Netlink, network: &BridgeNetwork) -> Result<u
     Ok(index)
 }
 
-/// Addresses and routes inside the container, from a thread that joins its namespace (a
-/// netlink socket belongs to the namespace of the thread that opens it). The thread exits
+/// Addresses and routes inside the container: `lo` and every endpoint up, and with
+/// `default_route` the first endpoint's gateway as the default route.
+fn configure_inside(
+    netns: File,
+    endpoints: Vec<Endpoint>,
+    default_route: bool,
+) -> Result<(), NetworkError> {
+    in_namespace(netns, move |netlink| {
+        if let Ok(lo) = netlink::index_of("lo") {
+            let _ = netlink.request(netlink::set_up(lo, None));
+        }
+        for (position, endpoint) in endpoints.iter().enumerate() {
+            let failed = |e| NetworkError::Inside(endpoint.ifname.clone(), e);
+            let index = netlink::index_of(&endpoint.ifname).map_err(failed)?;
+            netlink
+                .request(netlink::new_address(
+                    index,
+                    endpoint.address,
+                    endpoint.network.prefix_len,
+                ))
+                .map_err(failed)?;
+            netlink
+                .request(netlink::set_up(index, None))
+                .map_err(failed)?;
+            if default_route && position == 0 {
+                netlink
+                    .request(netlink::new_default_route(endpoint.network.gateway))
+                    .map_err(failed)?;
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Runs `work` with a netlink socket inside the namespace `netns`, on a thread that joins it
+/// (a netlink socket belongs to the namespace of the thread that opens it). The thread exits
 /// afterwards, so the agent's other threads never change namespace.
-fn configure_inside(netns: File, endpoints: Vec<Endpoint>) -> Result<(), NetworkError> {
+fn in_namespace(
+    netns: File,
+    work: impl FnOnce(&mut Netlink) -> Result<(), NetworkError> + Send + 'static,
+) -> Result<(), NetworkError> {
     let worker = thread::Builder::new()
         .name("netns-setup".into())
         .spawn(move || -> Result<(), NetworkError> {
             nix::sched::setns(&netns, CloneFlags::CLONE_NEWNET)
                 .map_err(|e| NetworkError::Namespace(e.into()))?;
             let mut netlink = Netlink::open().map_err(NetworkError::Netlink)?;
-            if let Ok(lo) = netlink::index_of("lo") {
-                let _ = netlink.request(netlink::set_up(lo, None));
-            }
-            for (position, endpoint) in endpoints.iter().enumerate() {
-                let failed = |e| NetworkError::Inside(endpoint.ifname.clone(), e);
-                let index = netlink::index_of(&endpoint.ifname).map_err(failed)?;
-                netlink
-                    .request(netlink::new_address(
-                        index,
-                        endpoint.address,
-                        endpoint.network.prefix_len,
-                    ))
-                    .map_err(failed)?;
-                netlink
-                    .request(netlink::set_up(index, None))
-                    .map_err(failed)?;
-                if position == 0 {
-                    netlink
-                        .request(netlink::new_default_route(endpoint.network.gateway))
-                        .map_err(failed)?;
-                }
-            }
-            Ok(())
+            work(&mut netlink)
         })
         .map_err(NetworkError::Namespace)?;
     worker.join().unwrap_or_else(|_| {
@@ -170,15 +217,20 @@ fn configure_inside(netns: File, endpoints: Vec<Endpoint>) -> Result<(), Network
     })
 }
 
-/// The guest-side name of a container's `index`th veth: unique per container (ids are long
-/// random hex) and within the kernel's 15 bytes.
-pub fn host_veth_name(container_id: &str, index: usize) -> String {
+/// The guest-side name of the veth whose peer is `ifname` in the container: unique per
+/// container (ids are long random hex) and interface (`eth3` → `…3`), within 15 bytes.
+pub fn host_veth_name(container_id: &str, ifname: &str) -> String {
     let short: String = container_id
         .chars()
         .filter(char::is_ascii_alphanumeric)
         .take(10)
         .collect();
-    format!("vb{short}{}", index.min(99))
+    let number: String = ifname
+        .chars()
+        .filter(char::is_ascii_digit)
+        .take(3)
+        .collect();
+    format!("vb{short}{number}")
 }
 
 /// Interface names the kernel accepts: 1 to 15 bytes, no `/`, whitespace or `:`.
@@ -210,7 +262,7 @@ mod tests {
 
     #[test]
     fn host_veth_name_fits_the_kernel_limit() {
-        let name = host_veth_name(&"ab".repeat(32), 7);
+        let name = host_veth_name(&"ab".repeat(32), "eth7");
 
         assert_eq!(name, "vbababababab7");
         assert!(name.len() <= 15);

@@ -261,6 +261,16 @@ impl Session<'_> {
                 handlers::set_dns_names(self.context, body),
                 Then::Continue,
             ),
+            (Some(_), Request::ConnectNetwork(body)) => Step::answer(
+                id,
+                handlers::connect_network(self.context, &body),
+                Then::Continue,
+            ),
+            (Some(_), Request::DisconnectNetwork(body)) => Step::answer(
+                id,
+                handlers::disconnect_network(self.context, &body),
+                Then::Continue,
+            ),
             (Some(_), Request::Shutdown) => {
                 let result = handlers::shutdown();
                 let then = if result.is_ok() {
@@ -355,6 +365,8 @@ fn request_name(request: &Request) -> &'static str {
         Request::CreateDirs(_) => "CreateDirs",
         Request::RemoveDirs(_) => "RemoveDirs",
         Request::SetDnsNames(_) => "SetDnsNames",
+        Request::ConnectNetwork(_) => "ConnectNetwork",
+        Request::DisconnectNetwork(_) => "DisconnectNetwork",
     }
 }
 

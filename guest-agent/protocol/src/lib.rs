@@ -23,7 +23,10 @@ pub use frame::{
     MAX_FRAME_LEN,
 };
 pub use messages::*;
-pub use network::{BridgeNetwork, ContainerNetwork, DnsNames, Endpoint, ForwardTarget};
+pub use network::{
+    BridgeNetwork, ContainerNetwork, DnsNames, Endpoint, ForwardTarget, NetworkAttachment,
+    NetworkDetachment,
+};
 
 /// The protocol version this build speaks. Bump it when a message changes meaning; adding an
 /// optional field or a new request does not need a bump.

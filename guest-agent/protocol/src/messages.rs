@@ -83,6 +83,10 @@ pub enum Request {
     /// Replace the names the embedded DNS server answers on one network's gateway; answered
     /// with `Done`.
     SetDnsNames(crate::DnsNames),
+    /// Plug a running container into one more network; answered with `Done`.
+    ConnectNetwork(crate::NetworkAttachment),
+    /// Unplug a running container's interface; answered with `Done`.
+    DisconnectNetwork(crate::NetworkDetachment),
 }
 
 /// What the agent answers.

@@ -91,6 +91,24 @@ pub struct DnsNames {
     pub names: Vec<(String, Ipv4Addr)>,
 }
 
+/// Body of [`crate::Request::ConnectNetwork`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkAttachment {
+    /// The running container.
+    pub id: String,
+    /// The new endpoint; it gets no default route (the first network keeps it).
+    pub endpoint: Endpoint,
+}
+
+/// Body of [`crate::Request::DisconnectNetwork`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkDetachment {
+    /// The running container.
+    pub id: String,
+    /// The interface to remove inside the container (`eth1`).
+    pub ifname: String,
+}
+
 /// Where a forwarded connection or flow goes, as seen from the guest's own namespace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ForwardTarget {

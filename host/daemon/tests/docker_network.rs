@@ -557,3 +557,53 @@ fn publish_all_and_a_host_port_range_pick_free_ports() {
     assert!(through_any.contains(PAGE));
     assert!(through_range.contains(PAGE));
 }
+
+#[test]
+fn a_running_container_connects_to_a_second_network_and_leaves_it() {
+    let daemon = daemon_or_skip!();
+    daemon.load_busybox();
+    daemon.docker_ok(&["network", "create", "front"]);
+    daemon.docker_ok(&["network", "create", "back"]);
+    run_web(&daemon, "web", &["--network", "front"]);
+    let script = "for i in $(seq 60); do wget -q -O - http://web/ && exit 0; sleep 1; done; exit 1";
+
+    daemon.docker_ok(&["network", "connect", "back", "web"]);
+    let links = daemon.docker_ok(&[
+        "exec",
+        "web",
+        "sh",
+        "-c",
+        "ip -o link | cut -d: -f2 | tr -d ' '",
+    ]);
+    let from_back = daemon.docker(&[
+        "run",
+        "--rm",
+        "--network",
+        "back",
+        "busybox",
+        "sh",
+        "-c",
+        script,
+    ]);
+    let inspected = daemon.docker_ok(&[
+        "inspect",
+        "--format",
+        "{{range $name, $n := .NetworkSettings.Networks}}{{$name}} {{end}}",
+        "web",
+    ]);
+    daemon.docker_ok(&["network", "disconnect", "back", "web"]);
+    let after = daemon.docker_ok(&[
+        "exec",
+        "web",
+        "sh",
+        "-c",
+        "ip -o link | cut -d: -f2 | tr -d ' '",
+    ]);
+    daemon.docker_ok(&["rm", "-f", "web"]);
+
+    assert!(links.contains("eth1@"), "{links}");
+    assert!(from_back.status.success(), "{}", text(&from_back.stderr));
+    assert_eq!(text(&from_back.stdout).trim(), PAGE);
+    assert_eq!(inspected.trim(), "back front");
+    assert!(!after.contains("eth1"), "{after}");
+}

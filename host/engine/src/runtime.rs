@@ -608,11 +608,7 @@ impl Engine {
             NetworkMode::Bridge | NetworkMode::Named(_) => {
                 let endpoints = self.allocate_endpoints(&mode, host)?;
                 let wire = ContainerNetwork::Bridge {
-                    endpoints: endpoints
-                        .iter()
-                        .enumerate()
-                        .map(|(i, e)| e.to_wire(&format!("eth{i}")))
-                        .collect(),
+                    endpoints: endpoints.iter().map(BridgeEndpoint::to_wire).collect(),
                 };
                 let first = endpoints.first().map(|e| e.address);
                 (wire, endpoints, first)
@@ -675,8 +671,8 @@ impl Engine {
             }
         }
         let mut endpoints: Vec<BridgeEndpoint> = Vec::new();
-        for name in names {
-            match self.allocate_endpoint(name, host) {
+        for (position, name) in names.into_iter().enumerate() {
+            match self.allocate_endpoint(name, host, &format!("eth{position}")) {
                 Ok(endpoint) => endpoints.push(endpoint),
                 Err(e) => {
                     for endpoint in &endpoints {
@@ -690,10 +686,11 @@ impl Engine {
     }
 
     /// An address on the user network `name`, or on the default bridge for `None`.
-    fn allocate_endpoint(
+    pub(crate) fn allocate_endpoint(
         &self,
         name: Option<&str>,
         host: &spec::HostSpec,
+        ifname: &str,
     ) -> Result<BridgeEndpoint, EngineError> {
         let Some(name) = name else {
             let address = self.ipam.allocate()?;
@@ -702,6 +699,7 @@ impl Engine {
                 network_id: store::builtin_id(DEFAULT_NETWORK),
                 bridge: net::DEFAULT_BRIDGE.to_owned(),
                 aliases: Vec::new(),
+                ifname: ifname.to_owned(),
                 address,
                 prefix_len: self.ipam.prefix_len(),
                 gateway: self.ipam.gateway(),
@@ -719,6 +717,7 @@ impl Engine {
                 .get(name)
                 .map(|e| e.aliases.clone())
                 .unwrap_or_default(),
+            ifname: ifname.to_owned(),
             address,
             prefix_len: network.prefix_len,
             gateway: network.gateway,
@@ -726,7 +725,7 @@ impl Engine {
         })
     }
 
-    fn release_endpoint(&self, endpoint: &BridgeEndpoint) {
+    pub(crate) fn release_endpoint(&self, endpoint: &BridgeEndpoint) {
         if endpoint.network == DEFAULT_NETWORK {
             self.ipam.release(endpoint.address);
         } else if let Ok((_, ipam)) = self.networks.get(&endpoint.network_id) {
@@ -753,7 +752,7 @@ impl Engine {
 
     /// Sends the embedded DNS of each user network in `network_ids` the names of the
     /// containers running on it: container name, short id and aliases.
-    async fn refresh_dns(&self, session: &Arc<Session>, network_ids: &[String]) {
+    pub(crate) async fn refresh_dns(&self, session: &Arc<Session>, network_ids: &[String]) {
         for network_id in network_ids {
             let Ok((network, _)) = self.networks.get(network_id) else {
                 continue;

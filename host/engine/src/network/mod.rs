@@ -275,6 +275,9 @@ pub struct BridgeEndpoint {
     /// Names the embedded DNS answers for the container on this network, besides its own.
     #[serde(default)]
     pub aliases: Vec<String>,
+    /// The interface inside the container (`eth0`, `eth1`, ...).
+    #[serde(default)]
+    pub ifname: String,
     /// The container's address.
     pub address: Ipv4Addr,
     /// The subnet's prefix length.
@@ -287,14 +290,14 @@ pub struct BridgeEndpoint {
 
 impl BridgeEndpoint {
     /// The endpoint the agent creates for it.
-    pub fn to_wire(&self, ifname: &str) -> Endpoint {
+    pub fn to_wire(&self) -> Endpoint {
         Endpoint {
             network: BridgeNetwork {
                 bridge: self.bridge.clone(),
                 gateway: self.gateway,
                 prefix_len: self.prefix_len,
             },
-            ifname: ifname.to_owned(),
+            ifname: self.ifname.clone(),
             address: self.address,
             mac: self.mac,
         }

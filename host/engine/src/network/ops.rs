@@ -108,8 +108,8 @@ impl Engine {
         removed
     }
 
-    /// `docker network connect` of a container that is not running: it joins the network
-    /// at its next start.
+    /// `docker network connect`: the container joins the network at its next start, and a
+    /// running one is plugged in at once (a new `ethN`, no change to its default route).
     pub async fn network_connect(
         &self,
         reference: &str,
@@ -119,14 +119,8 @@ impl Engine {
         let (record, _) = self.networks.get(reference)?;
         let container = self.container(container)?;
         let _lifecycle = container.lifecycle.lock().await;
-        if container.status().is_running() {
-            return Err(EngineError::InvalidArgument(
-                "connecting a running container to a network is not supported by Berth yet; \
-                 connect it before it starts"
-                    .into(),
-            ));
-        }
-        let mode = NetworkMode::parse(&container.record().spec.host.network_mode)?;
+        let current = container.record();
+        let mode = NetworkMode::parse(&current.spec.host.network_mode)?;
         if matches!(
             mode,
             NetworkMode::Host | NetworkMode::None | NetworkMode::Container(_)
@@ -134,6 +128,19 @@ impl Engine {
             return Err(EngineError::InvalidArgument(
                 "container sharing network namespace with another container or host cannot be connected to any other network".into(),
             ));
+        }
+        let joined = matches!(&mode, NetworkMode::Named(n) if *n == record.name || *n == record.id)
+            || current.spec.host.endpoints.contains_key(&record.name)
+            || current.spec.host.endpoints.contains_key(&record.id);
+        if joined {
+            return Err(NetworkError::Invalid(format!(
+                "endpoint with name {} already exists in network {}",
+                current.name, record.name
+            ))
+            .into());
+        }
+        if container.status().is_running() {
+            self.plug_running(&container, &record, &aliases).await?;
         }
         container
             .update(|r| {
@@ -146,7 +153,50 @@ impl Engine {
         Ok(())
     }
 
-    /// `docker network disconnect` of a container that is not running.
+    async fn plug_running(
+        &self,
+        container: &std::sync::Arc<crate::containers::Container>,
+        network: &NetworkRecord,
+        aliases: &[String],
+    ) -> Result<(), EngineError> {
+        let session = self.running_session(container).await?;
+        let used: Vec<String> = container
+            .record()
+            .network
+            .endpoints
+            .iter()
+            .map(|e| e.ifname.clone())
+            .collect();
+        let ifname = (0..)
+            .map(|n| format!("eth{n}"))
+            .find(|name| !used.contains(name))
+            .expect("an unbounded search finds a free name");
+        let mut host = container.record().spec.host;
+        host.endpoints.insert(
+            network.name.clone(),
+            EndpointSpec {
+                aliases: aliases.to_vec(),
+            },
+        );
+        let endpoint = self.allocate_endpoint(Some(&network.name), &host, &ifname)?;
+        let request = agent_protocol::NetworkAttachment {
+            id: container.id.clone(),
+            endpoint: endpoint.to_wire(),
+        };
+        if let Err(e) = session.call(move |a| a.connect_network(request)).await {
+            self.release_endpoint(&endpoint);
+            return Err(e.into());
+        }
+        container
+            .update(|r| r.network.endpoints.push(endpoint))
+            .map_err(|e| EngineError::Io("store the container", e))?;
+        self.refresh_dns(&session, std::slice::from_ref(&network.id))
+            .await;
+        Ok(())
+    }
+
+    /// `docker network disconnect`: a running container's interface on the network is
+    /// removed at once.
     pub async fn network_disconnect(
         &self,
         reference: &str,
@@ -155,11 +205,12 @@ impl Engine {
         let (record, _) = self.networks.get(reference)?;
         let container = self.container(container)?;
         let _lifecycle = container.lifecycle.lock().await;
-        if container.status().is_running() {
-            return Err(EngineError::InvalidArgument(
-                "disconnecting a running container from a network is not supported by Berth yet"
-                    .into(),
-            ));
+        let mode = NetworkMode::parse(&container.record().spec.host.network_mode)?;
+        if matches!(&mode, NetworkMode::Named(n) if *n == record.name || *n == record.id) {
+            return Err(EngineError::InvalidArgument(format!(
+                "container {} runs with --network {}: it cannot leave the network it was created on",
+                container.id, record.name
+            )));
         }
         let removed = container
             .update(|r| {
@@ -173,6 +224,26 @@ impl Engine {
                 "container {} is not connected to network {}",
                 container.id, record.name
             )));
+        }
+        let endpoint = container
+            .record()
+            .network
+            .endpoints
+            .into_iter()
+            .find(|e| e.network_id == record.id);
+        if let (Some(endpoint), true) = (endpoint, container.status().is_running()) {
+            let session = self.running_session(&container).await?;
+            let request = agent_protocol::NetworkDetachment {
+                id: container.id.clone(),
+                ifname: endpoint.ifname.clone(),
+            };
+            session.call(move |a| a.disconnect_network(request)).await?;
+            self.release_endpoint(&endpoint);
+            container
+                .update(|r| r.network.endpoints.retain(|e| e.network_id != record.id))
+                .map_err(|e| EngineError::Io("store the container", e))?;
+            self.refresh_dns(&session, std::slice::from_ref(&record.id))
+                .await;
         }
         Ok(())
     }
