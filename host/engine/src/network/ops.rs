@@ -129,10 +129,14 @@ impl Engine {
                 "container sharing network namespace with another container or host cannot be connected to any other network".into(),
             ));
         }
-        let joined = matches!(&mode, NetworkMode::Named(n) if *n == record.name || *n == record.id)
-            || current.spec.host.endpoints.contains_key(&record.name)
-            || current.spec.host.endpoints.contains_key(&record.id);
-        if joined {
+        // A created container may be connected again (compose disconnects and reconnects
+        // with aliases); a running one has at most one endpoint per network.
+        let plugged = current
+            .network
+            .endpoints
+            .iter()
+            .any(|e| e.network_id == record.id);
+        if plugged {
             return Err(NetworkError::Invalid(format!(
                 "endpoint with name {} already exists in network {}",
                 current.name, record.name
@@ -206,12 +210,7 @@ impl Engine {
         let container = self.container(container)?;
         let _lifecycle = container.lifecycle.lock().await;
         let mode = NetworkMode::parse(&container.record().spec.host.network_mode)?;
-        if matches!(&mode, NetworkMode::Named(n) if *n == record.name || *n == record.id) {
-            return Err(EngineError::InvalidArgument(format!(
-                "container {} runs with --network {}: it cannot leave the network it was created on",
-                container.id, record.name
-            )));
-        }
+        let own = matches!(&mode, NetworkMode::Named(n) if *n == record.name || *n == record.id);
         let removed = container
             .update(|r| {
                 let by_name = r.spec.host.endpoints.remove(&record.name).is_some();
@@ -219,7 +218,9 @@ impl Engine {
                 by_name || by_id
             })
             .map_err(|e| EngineError::Io("store the container", e))?;
-        if !removed {
+        // The network `--network` names stays the container's (its next start joins it);
+        // compose disconnects from it only to connect again with aliases.
+        if !removed && !own {
             return Err(EngineError::InvalidArgument(format!(
                 "container {} is not connected to network {}",
                 container.id, record.name
