@@ -1,5 +1,5 @@
-//! The embedded DNS server of user-defined networks: on each network's gateway address (UDP
-//! port 53) it answers the names berthd registered for that network (container names,
+//! The embedded DNS server of user-defined networks: on each network's gateway address (port
+//! 53, UDP and TCP) it answers the names berthd registered for that network (container names,
 //! aliases, compose service names, short ids) with A records, and forwards every other
 //! question to the uplink's forwarder, relaying its answer unchanged.
 //!
@@ -7,8 +7,8 @@
 //! question. Anything else is forwarded as-is, or answered SERVFAIL if forwarding fails.
 
 use std::collections::HashMap;
-use std::io;
-use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 use std::time::Duration;
@@ -63,11 +63,71 @@ impl EmbeddedDns {
 
     fn spawn_server(&self, gateway: Ipv4Addr) -> io::Result<()> {
         let socket = UdpSocket::bind((gateway, 53))?;
+        let listener = TcpListener::bind((gateway, 53))?;
         let tables = Arc::clone(&self.tables);
         thread::Builder::new()
             .name("dns".into())
-            .spawn(move || serve(&socket, gateway, &tables))
+            .spawn(move || serve(&socket, gateway, &tables))?;
+        let tables = Arc::clone(&self.tables);
+        thread::Builder::new()
+            .name("dns-tcp".into())
+            .spawn(move || serve_tcp(&listener, gateway, &tables))
             .map(drop)
+    }
+}
+
+/// DNS over TCP (RFC 1035 §4.2.2: each message after a big-endian `u16` length), for
+/// resolvers that retry truncated answers over TCP. A thread per connection.
+fn serve_tcp(listener: &TcpListener, gateway: Ipv4Addr, tables: &Arc<Mutex<Tables>>) {
+    loop {
+        let connection = match listener.accept() {
+            Ok((connection, _)) => connection,
+            Err(e) => {
+                console!("embedded DNS over TCP on {gateway}: {e}");
+                thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        let tables = Arc::clone(tables);
+        let spawned = thread::Builder::new()
+            .name("dns-tcp-conn".into())
+            .spawn(move || {
+                let _ = connection.set_read_timeout(Some(UPSTREAM_TIMEOUT));
+                let _ = answer_tcp(connection, gateway, &tables);
+            });
+        if let Err(e) = spawned {
+            console!("cannot start a DNS connection thread: {e}");
+        }
+    }
+}
+
+/// Answers every query on one TCP connection until the client closes it.
+fn answer_tcp(
+    mut connection: TcpStream,
+    gateway: Ipv4Addr,
+    tables: &Mutex<Tables>,
+) -> io::Result<()> {
+    loop {
+        let mut length = [0u8; 2];
+        match connection.read_exact(&mut length) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        let mut query = vec![0u8; usize::from(u16::from_be_bytes(length))];
+        connection.read_exact(&mut query)?;
+        let local = {
+            let tables = tables.lock().unwrap_or_else(PoisonError::into_inner);
+            tables.get(&gateway).and_then(|t| answer_local(&query, t))
+        };
+        let answer =
+            local.unwrap_or_else(|| ask_upstream(&query).unwrap_or_else(|_| servfail(&query)));
+        let Ok(len) = u16::try_from(answer.len()) else {
+            return Ok(());
+        };
+        let mut framed = len.to_be_bytes().to_vec();
+        framed.extend_from_slice(&answer);
+        connection.write_all(&framed)?;
     }
 }
 
@@ -301,6 +361,33 @@ mod tests {
         assert_eq!(&answer[0..2], &[0x12, 0x34]);
         assert_eq!(answer[3] & 0x0f, RCODE_SERVFAIL);
         assert_eq!(&answer[12..], &message[12..]);
+    }
+
+    #[test]
+    fn answer_tcp_answers_framed_queries_until_the_client_closes() {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let address = listener.local_addr().unwrap();
+        let gateway = Ipv4Addr::new(172, 18, 0, 1);
+        let tables = Arc::new(Mutex::new(HashMap::from([(gateway, table())])));
+        let server_tables = Arc::clone(&tables);
+        let server = thread::spawn(move || {
+            let (connection, _) = listener.accept().unwrap();
+            answer_tcp(connection, gateway, &server_tables).unwrap();
+        });
+        let mut client = TcpStream::connect(address).unwrap();
+        let message = query("web", TYPE_A);
+        let mut framed = (message.len() as u16).to_be_bytes().to_vec();
+        framed.extend_from_slice(&message);
+
+        client.write_all(&framed).unwrap();
+        let mut length = [0u8; 2];
+        client.read_exact(&mut length).unwrap();
+        let mut answer = vec![0u8; usize::from(u16::from_be_bytes(length))];
+        client.read_exact(&mut answer).unwrap();
+        client.shutdown(std::net::Shutdown::Write).unwrap();
+
+        assert_eq!(&answer[answer.len() - 4..], &[172, 18, 0, 2]);
+        server.join().unwrap();
     }
 
     #[test]
