@@ -24,6 +24,9 @@ packages=(
   e2fsprogs
   # virtiofsd (bind mounts) builds against these.
   libcap-ng-dev libseccomp-dev
+  # The compose client of the networking tests (docker-compose 1.29, on docker-py), and the
+  # UDP echo server of the UDP port-publishing test.
+  docker-compose socat
 )
 
 missing=()

@@ -61,6 +61,11 @@ impl TestDaemon {
         Ok(daemon)
     }
 
+    /// berthd's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The API socket.
     pub fn socket(&self) -> PathBuf {
         self.dir.path().join("docker.sock")

@@ -181,6 +181,7 @@ impl Guest {
                     hosts_file: None,
                     resolv_conf_file: None,
                     seccomp_unconfined: false,
+                    network: None,
                 }),
                 stdin: stdio.stdin,
                 tty: stdio.tty,

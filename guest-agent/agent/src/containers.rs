@@ -27,9 +27,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use agent_protocol::{
-    ContainerConfig as WireConfig, ContainerPath, ContainerStats, CreateContainer, DiffLayer,
-    ExecProcess, ExitInfo, PathStat, ReadArchive, StreamHeader, StreamKind, TopInfo, TopProcess,
-    UnpackLayer, UnpackedLayer, WriteArchive,
+    ContainerConfig as WireConfig, ContainerNetwork, ContainerPath, ContainerStats,
+    CreateContainer, DiffLayer, ExecProcess, ExitInfo, PathStat, ReadArchive, StreamHeader,
+    StreamKind, TopInfo, TopProcess, UnpackLayer, UnpackedLayer, WriteArchive,
 };
 use berth_container::archive::{self, ArchiveError, ExtractOptions, PathInfo, Root};
 use berth_container::cgroup::{CgroupConfig, CgroupStats};
@@ -95,6 +95,10 @@ pub enum ContainersError {
     NoRoot(String),
     #[error(transparent)]
     Archive(#[from] ArchiveError),
+    #[error("cannot set up the container's network")]
+    Network(#[from] crate::network::NetworkError),
+    #[error("container {0:?} to share a network namespace with is not running")]
+    NetworkPeerNotRunning(String),
 }
 
 /// Where the registry keeps per-container files and creates cgroups.
@@ -333,6 +337,16 @@ impl Containers {
                 return Err(e);
             }
         };
+        if let Some(ContainerNetwork::Bridge { endpoints }) = &request.config.network {
+            let plugged = pid_u32(container.init().pid())
+                .map_err(ContainersError::from)
+                .and_then(|pid| Ok(crate::network::connect(&request.id, pid, endpoints)?));
+            if let Err(e) = plugged {
+                discard(container, &exited);
+                let _ = fs::remove_dir_all(&state_dir);
+                return Err(e);
+            }
+        }
         let init = match ProcessEntry::new(None, io) {
             Ok(init) => Arc::new(init),
             Err(e) => {
@@ -368,6 +382,9 @@ impl Containers {
         if let Some(process) = spec.process_mut().as_mut() {
             process.set_terminal(Some(request.tty));
         }
+        if let Some(network) = &wire.network {
+            self.apply_network_mode(&mut spec, network)?;
+        }
         let mut config =
             berth_container::ContainerConfig::new(request.id.clone(), spec, wire.rootfs.clone());
         config.overlay = wire.overlay.as_ref().map(|o| OverlayConfig {
@@ -388,6 +405,77 @@ impl Containers {
         // Before anything is written under the state directory, which the id names.
         config.validate().map_err(ContainerError::from)?;
         Ok(config)
+    }
+
+    /// Points the spec's network namespace at what `network` asks for: none for the guest's
+    /// own (`host`), another container's (`container:<id>`), or a fresh one.
+    fn apply_network_mode(
+        &self,
+        spec: &mut oci_spec::runtime::Spec,
+        network: &ContainerNetwork,
+    ) -> Result<(), ContainersError> {
+        use oci_spec::runtime::{LinuxNamespace, LinuxNamespaceType};
+        let path = match network {
+            ContainerNetwork::Host => None,
+            ContainerNetwork::Container { id } => {
+                let entry = self
+                    .entry(id)
+                    .map_err(|_| ContainersError::NetworkPeerNotRunning(id.clone()))?;
+                let pid = lock(&entry.container)
+                    .as_ref()
+                    .filter(|_| entry.init.exit.get().is_none())
+                    .map(|c| c.init().pid())
+                    .ok_or_else(|| ContainersError::NetworkPeerNotRunning(id.clone()))?;
+                Some(Some(PathBuf::from(format!("/proc/{pid}/ns/net"))))
+            }
+            ContainerNetwork::None | ContainerNetwork::Bridge { .. } => Some(None),
+        };
+        let Some(linux) = spec.linux_mut().as_mut() else {
+            return Ok(());
+        };
+        let mut namespaces: Vec<LinuxNamespace> = linux
+            .namespaces()
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|n| n.typ() != LinuxNamespaceType::Network)
+            .collect();
+        if let Some(path) = path {
+            let mut namespace = LinuxNamespace::default();
+            namespace.set_typ(LinuxNamespaceType::Network);
+            namespace.set_path(path);
+            namespaces.push(namespace);
+        }
+        linux.set_namespaces(Some(namespaces));
+        Ok(())
+    }
+
+    /// Plugs a running container into one more network.
+    pub fn do_connect_network(
+        &self,
+        request: &agent_protocol::NetworkAttachment,
+    ) -> Result<(), ContainersError> {
+        let pid = self.running_init_pid(&request.id)?;
+        Ok(crate::network::attach(&request.id, pid, &request.endpoint)?)
+    }
+
+    /// Unplugs one interface of a running container.
+    pub fn do_disconnect_network(
+        &self,
+        request: &agent_protocol::NetworkDetachment,
+    ) -> Result<(), ContainersError> {
+        let pid = self.running_init_pid(&request.id)?;
+        Ok(crate::network::detach(pid, &request.ifname)?)
+    }
+
+    fn running_init_pid(&self, id: &str) -> Result<u32, ContainersError> {
+        let entry = self.entry(id)?;
+        let pid = lock(&entry.container)
+            .as_ref()
+            .filter(|_| entry.init.exit.get().is_none())
+            .map(|c| c.init().pid())
+            .ok_or_else(|| ContainersError::NoContainer(id.to_owned()))?;
+        Ok(pid_u32(pid)?)
     }
 
     /// Starts a created container.
@@ -582,6 +670,7 @@ impl Containers {
             StreamKind::LayerUpload | StreamKind::ArchiveUpload | StreamKind::ArchiveDownload => {
                 (None, "transfer")
             }
+            StreamKind::TcpForward(_) | StreamKind::UdpForward(_) => (None, "port forward"),
         };
         drop(pending);
         let file = file.ok_or(ContainersError::NotAttachable(name))?;

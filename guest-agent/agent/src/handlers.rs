@@ -34,6 +34,8 @@ pub struct AgentContext {
     pub boot_id: String,
     /// The containers of this agent.
     pub containers: Arc<Containers>,
+    /// The embedded DNS of user-defined networks.
+    pub dns: crate::dns::EmbeddedDns,
 }
 
 impl AgentContext {
@@ -65,6 +67,7 @@ impl AgentContext {
             mode,
             boot_id: boot_id.into(),
             containers: Arc::new(containers),
+            dns: crate::dns::EmbeddedDns::default(),
         }
     }
 }
@@ -373,6 +376,35 @@ pub fn diff_layer(context: &AgentContext, request: &DiffLayer) -> Result<Respons
         .map_err(|e| container_error(&e))
 }
 
+/// `SetDnsNames`: the names one user-defined network's DNS answers.
+pub fn set_dns_names(
+    context: &AgentContext,
+    request: agent_protocol::DnsNames,
+) -> Result<Response, AgentError> {
+    context
+        .dns
+        .set_names(request.gateway, &request.names)
+        .map(|()| Response::Done)
+        .map_err(|e| {
+            AgentError::new(
+                AgentErrorKind::Internal,
+                format!("cannot serve DNS on {}: {e}", request.gateway),
+            )
+        })
+}
+
+/// `ConnectNetwork`: one more network for a running container.
+pub fn connect_network(
+    context: &AgentContext,
+    request: &agent_protocol::NetworkAttachment,
+) -> Result<Response, AgentError> {
+    context
+        .containers
+        .do_connect_network(request)
+        .map(|()| Response::Done)
+        .map_err(|e| container_error(&e))
+}
+
 /// `ListStorage`.
 pub fn list_storage(context: &AgentContext) -> Result<Response, AgentError> {
     storage::do_list_storage(context.containers.storage_root())
@@ -423,6 +455,18 @@ fn storage_error(error: &StorageError) -> AgentError {
         AgentErrorKind::Internal
     };
     AgentError::new(kind, Chain(error).to_string())
+}
+
+/// `DisconnectNetwork`: one interface less for a running container.
+pub fn disconnect_network(
+    context: &AgentContext,
+    request: &agent_protocol::NetworkDetachment,
+) -> Result<Response, AgentError> {
+    context
+        .containers
+        .do_disconnect_network(request)
+        .map(|()| Response::Done)
+        .map_err(|e| container_error(&e))
 }
 
 /// Maps a container failure onto the wire: what the host named wrongly, what conflicts with

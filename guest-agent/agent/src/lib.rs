@@ -19,10 +19,14 @@
 pub mod args;
 pub mod clock;
 pub mod containers;
+pub mod dns;
 pub mod entropy;
+pub mod forward;
 pub mod handlers;
 pub mod init;
 pub mod log;
+pub mod netlink;
+pub mod network;
 pub mod notify;
 pub mod power;
 pub mod reaper;
@@ -96,6 +100,11 @@ fn run_pid1() -> ! {
         Ok(true) => console!("data disk {} on {PID1_STORAGE_ROOT}", storage::DATA_DISK),
         Ok(false) => console!("no data disk: layers and containers live on the VM's tmpfs"),
         Err(e) => console!("cannot mount the data disk, using tmpfs: {}", Chain(&e)),
+    }
+    match network::configure_uplink() {
+        Ok(true) => console!("uplink {} up", agent_protocol::network::UPLINK_INTERFACE),
+        Ok(false) => {}
+        Err(e) => console!("{}", Chain(&e)),
     }
     entropy::spawn_seeder();
     let containers = Arc::new(Containers::new(

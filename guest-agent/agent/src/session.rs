@@ -294,6 +294,21 @@ impl Session<'_> {
             (Some(_), Request::Notify(body)) => {
                 Step::answer(id, handlers::notify(&body), Then::Continue)
             }
+            (Some(_), Request::SetDnsNames(body)) => Step::answer(
+                id,
+                handlers::set_dns_names(self.context, body),
+                Then::Continue,
+            ),
+            (Some(_), Request::ConnectNetwork(body)) => Step::answer(
+                id,
+                handlers::connect_network(self.context, &body),
+                Then::Continue,
+            ),
+            (Some(_), Request::DisconnectNetwork(body)) => Step::answer(
+                id,
+                handlers::disconnect_network(self.context, &body),
+                Then::Continue,
+            ),
             (Some(_), Request::Shutdown) => {
                 let result = handlers::shutdown();
                 let then = if result.is_ok() {
@@ -397,6 +412,9 @@ fn request_name(request: &Request) -> &'static str {
         Request::MountShares(_) => "MountShares",
         Request::CopyUp(_) => "CopyUp",
         Request::Notify(_) => "Notify",
+        Request::SetDnsNames(_) => "SetDnsNames",
+        Request::ConnectNetwork(_) => "ConnectNetwork",
+        Request::DisconnectNetwork(_) => "DisconnectNetwork",
     }
 }
 

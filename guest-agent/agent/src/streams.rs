@@ -30,6 +30,7 @@ use thiserror::Error;
 
 use crate::args::Listen;
 use crate::containers::{Containers, StreamEnd};
+use crate::forward;
 use crate::handlers;
 use crate::log::{console, Chain};
 use crate::server::{self, ControlListener};
@@ -109,6 +110,10 @@ fn serve(mut connection: File, containers: &Containers) {
         }
         return;
     }
+    if let StreamKind::TcpForward(target) | StreamKind::UdpForward(target) = header.kind {
+        serve_forward(connection, header.kind, target);
+        return;
+    }
     let end = containers
         .take_stream(&header, &connection)
         .map_err(|e| handlers::container_error(&e));
@@ -125,6 +130,39 @@ fn serve(mut connection: File, containers: &Containers) {
         }
         Ok(StreamEnd::Pty(master)) => pump_pty(master, connection),
         Err(_) => {}
+    }
+}
+
+/// A published port's connection or flow: connect to the container, answer, then relay.
+fn serve_forward(mut connection: File, kind: StreamKind, target: agent_protocol::ForwardTarget) {
+    let refused = |e: io::Error| {
+        AgentError::new(
+            agent_protocol::AgentErrorKind::NotFound,
+            format!("cannot connect to {}:{}: {e}", target.ip, target.port),
+        )
+    };
+    if let StreamKind::TcpForward(_) = kind {
+        match forward::connect_tcp(target) {
+            Ok(stream) => {
+                if accept(&mut connection, Ok(())).is_ok() {
+                    forward::splice_tcp(connection, stream);
+                }
+            }
+            Err(e) => {
+                let _ = accept(&mut connection, Err(refused(e)));
+            }
+        }
+    } else {
+        match forward::connect_udp(target) {
+            Ok(socket) => {
+                if accept(&mut connection, Ok(())).is_ok() {
+                    forward::relay_udp(connection, socket);
+                }
+            }
+            Err(e) => {
+                let _ = accept(&mut connection, Err(refused(e)));
+            }
+        }
     }
 }
 

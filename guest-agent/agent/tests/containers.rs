@@ -172,6 +172,7 @@ impl Fixture {
             hosts_file: None,
             resolv_conf_file: None,
             seccomp_unconfined: false,
+            network: None,
         };
         control.done(Request::CreateContainer(CreateContainer {
             id: self.id.clone(),

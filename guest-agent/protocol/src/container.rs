@@ -46,6 +46,9 @@ pub struct ContainerConfig {
     /// Run without the default seccomp profile (`--security-opt seccomp=unconfined`).
     #[serde(default)]
     pub seccomp_unconfined: bool,
+    /// How the container is networked; `None` keeps what the spec's namespaces say.
+    #[serde(default)]
+    pub network: Option<crate::ContainerNetwork>,
 }
 
 /// The overlayfs layers of a container's root, as guest paths.
@@ -237,6 +240,12 @@ pub enum StreamKind {
     ArchiveUpload,
     /// Agent to host: the tar [`crate::Request::ReadArchive`] writes.
     ArchiveDownload,
+    /// Both ways: one TCP connection to the target, a published port's traffic; the header's
+    /// `container_id` names the container it belongs to.
+    TcpForward(crate::ForwardTarget),
+    /// Both ways: one UDP flow to the target, as datagrams framed by
+    /// [`crate::network::write_datagram`].
+    UdpForward(crate::ForwardTarget),
 }
 
 /// The first frame on a stream connection: what the connection belongs to.
@@ -295,6 +304,7 @@ mod tests {
                     hosts_file: None,
                     resolv_conf_file: None,
                     seccomp_unconfined: false,
+                    network: None,
                 }),
                 stdin: true,
                 tty: false,
@@ -318,6 +328,20 @@ mod tests {
                 kind: StreamKind::Stdout,
             }
         );
+    }
+
+    #[test]
+    fn stream_header_tcp_forward_round_trips() {
+        let header = StreamHeader {
+            container_id: "c1".into(),
+            exec_id: None,
+            kind: StreamKind::TcpForward(crate::ForwardTarget {
+                ip: std::net::Ipv4Addr::new(172, 17, 0, 2),
+                port: 80,
+            }),
+        };
+
+        assert_eq!(round_trip(&header), header);
     }
 
     #[test]

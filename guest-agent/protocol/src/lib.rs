@@ -15,6 +15,7 @@ pub mod container;
 pub mod defaults;
 pub mod frame;
 pub mod messages;
+pub mod network;
 pub mod storage;
 
 pub use archive::*;
@@ -25,6 +26,10 @@ pub use frame::{
     MAX_FRAME_LEN,
 };
 pub use messages::*;
+pub use network::{
+    BridgeNetwork, ContainerNetwork, DnsNames, Endpoint, ForwardTarget, NetworkAttachment,
+    NetworkDetachment,
+};
 pub use storage::*;
 
 /// The protocol version this build speaks. Bump it when a message changes meaning; adding an

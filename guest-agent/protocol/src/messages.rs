@@ -107,6 +107,13 @@ pub enum Request {
     /// Host files changed under a share: raise inotify events on them in the guest; answered
     /// with `Done`.
     Notify(FileChanges),
+    /// Replace the names the embedded DNS server answers on one network's gateway; answered
+    /// with `Done`.
+    SetDnsNames(crate::DnsNames),
+    /// Plug a running container into one more network; answered with `Done`.
+    ConnectNetwork(crate::NetworkAttachment),
+    /// Unplug a running container's interface; answered with `Done`.
+    DisconnectNetwork(crate::NetworkDetachment),
 }
 
 /// What the agent answers.

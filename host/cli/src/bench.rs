@@ -130,6 +130,34 @@ pub enum BenchCommand {
         #[arg(long)]
         record: Option<PathBuf>,
     },
+    /// Connection rate and throughput through a published port (host client to busybox
+    /// httpd in a container), against the same client and server on the host's loopback.
+    Ports {
+        /// Sequential small requests of each kind (connection rate).
+        #[arg(long, default_value_t = 300)]
+        requests: usize,
+        /// Downloads of the large file of each kind (throughput).
+        #[arg(long, default_value_t = 5)]
+        downloads: usize,
+        /// Size of the large file in MiB.
+        #[arg(long, default_value_t = 32)]
+        size_mib: usize,
+        /// The busybox image as a docker-archive (`tests/images/make-busybox.sh` writes one).
+        #[arg(long)]
+        archive: PathBuf,
+        /// The berthd binary; by default the one beside this `berth`.
+        #[arg(long)]
+        berthd: Option<PathBuf>,
+        /// The docker CLI.
+        #[arg(long, default_value = "/usr/local/bin/docker")]
+        docker: PathBuf,
+        /// The static busybox whose httpd is the host anchor.
+        #[arg(long, default_value = "/bin/busybox")]
+        busybox: PathBuf,
+        /// Replace the `ports` section of this markdown file with the results.
+        #[arg(long)]
+        record: Option<PathBuf>,
+    },
 }
 
 pub fn run(command: BenchCommand) -> anyhow::Result<()> {
@@ -212,10 +240,38 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
             let config = crate::bench_fs::FsBenchConfig { size_mib, files };
             crate::bench_fs::run(&config, &archive, &tools, record.as_deref())
         }
+        BenchCommand::Ports {
+            requests,
+            downloads,
+            size_mib,
+            archive,
+            berthd,
+            docker,
+            busybox,
+            record,
+        } => {
+            let berthd = match berthd {
+                Some(path) => path,
+                None => std::env::current_exe()
+                    .context("locating berth")?
+                    .with_file_name("berthd"),
+            };
+            let tools = RunTools {
+                berthd,
+                docker,
+                busybox,
+            };
+            let plan = crate::bench_ports::PortsPlan {
+                requests,
+                downloads,
+                size_mib,
+            };
+            crate::bench_ports::run(&plan, &archive, &tools, record.as_deref())
+        }
     }
 }
 
-/// The programs `bench run` drives.
+/// The programs `bench run` and `bench ports` drive.
 #[derive(Debug)]
 pub(crate) struct RunTools {
     pub(crate) berthd: PathBuf,

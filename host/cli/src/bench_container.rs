@@ -92,6 +92,7 @@ pub fn run(
                     hosts_file: None,
                     resolv_conf_file: None,
                     seccomp_unconfined: false,
+                    network: None,
                 }),
                 stdin: false,
                 tty: false,

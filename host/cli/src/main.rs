@@ -7,6 +7,7 @@ mod bench;
 mod bench_build;
 mod bench_container;
 mod bench_fs;
+mod bench_ports;
 
 use std::io::Write;
 use std::path::PathBuf;

@@ -9,6 +9,7 @@ use berth_engine::containers::logs::{self, LogFilter, LogRecord, LogStream};
 use berth_engine::containers::mounts::{parse_bind, parse_mount, MountBody, MountKind, MountPoint};
 use berth_engine::containers::spec::{ContainerSpec, HostSpec, RestartPolicy};
 use berth_engine::containers::{ContainerRecord, Status, ZERO_TIME};
+use berth_engine::network::{format_mac_of, DnsConfig, EndpointSpec, HostBinding, NetworkMode};
 use berth_engine::{Engine, WaitCondition};
 use bytes::Bytes;
 use hyper::body::Incoming;
@@ -44,6 +45,21 @@ pub struct CreateBody {
     pub exposed_ports: Option<HashMap<String, Value>>,
     pub volumes: Option<HashMap<String, Value>>,
     pub host_config: Option<HostConfigBody>,
+    pub networking_config: Option<NetworkingConfigBody>,
+}
+
+/// `NetworkingConfig`: the endpoint settings per network (aliases).
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct NetworkingConfigBody {
+    pub endpoints_config: Option<HashMap<String, Option<EndpointSettingsBody>>>,
+}
+
+/// One network's endpoint settings.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct EndpointSettingsBody {
+    pub aliases: Option<Vec<String>>,
 }
 
 /// `Cmd` and `Entrypoint` may be a list or (older clients) a single string.
@@ -84,7 +100,47 @@ pub struct HostConfigBody {
     pub console_size: Option<Vec<u16>>,
     pub network_mode: String,
     pub port_bindings: Option<HashMap<String, Value>>,
+    pub publish_all_ports: bool,
+    pub dns: Option<Vec<String>>,
+    pub dns_search: Option<Vec<String>>,
+    pub dns_options: Option<Vec<String>>,
+    pub extra_hosts: Option<Vec<String>>,
     pub volumes_from: Option<Vec<String>>,
+}
+
+/// One entry of `HostConfig.PortBindings["80/tcp"]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+struct PortBindingBody {
+    host_ip: String,
+    host_port: String,
+}
+
+/// `HostConfig.PortBindings`: `{"80/tcp": [{"HostIp": "", "HostPort": "8080"}], ...}`; a null
+/// list binds nothing.
+fn port_bindings(
+    raw: Option<HashMap<String, Value>>,
+) -> ApiResult<BTreeMap<String, Vec<HostBinding>>> {
+    let mut out = BTreeMap::new();
+    for (key, value) in raw.unwrap_or_default() {
+        let list: Vec<PortBindingBody> = match value {
+            Value::Null => Vec::new(),
+            value => serde_json::from_value(value).map_err(|e| {
+                ApiError::bad_request(format!("invalid port binding for {key}: {e}"))
+            })?,
+        };
+        let bindings = list
+            .into_iter()
+            .map(|b| HostBinding {
+                host_ip: b.host_ip,
+                host_port: b.host_port,
+            })
+            .collect::<Vec<_>>();
+        if !bindings.is_empty() {
+            out.insert(key, bindings);
+        }
+    }
+    Ok(out)
 }
 
 /// `HostConfig.RestartPolicy`.
@@ -123,15 +179,19 @@ fn container_spec(body: CreateBody) -> ApiResult<ContainerSpec> {
             )));
         }
     }
-    if host
-        .port_bindings
-        .as_ref()
-        .is_some_and(|p| p.values().any(|v| !v.is_null()))
-    {
-        return Err(ApiError::bad_request(
-            "publishing ports needs container networking, which this Berth does not provide yet",
-        ));
-    }
+    let port_bindings = port_bindings(host.port_bindings)?;
+    // Built-in networks take no endpoint settings; user networks keep their aliases.
+    let endpoints: BTreeMap<String, EndpointSpec> = body
+        .networking_config
+        .and_then(|n| n.endpoints_config)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(name, _)| !matches!(name.as_str(), "bridge" | "default" | "host" | "none"))
+        .map(|(name, settings)| {
+            let aliases = settings.and_then(|s| s.aliases).unwrap_or_default();
+            (name, EndpointSpec { aliases })
+        })
+        .collect();
     let entrypoint = body.entrypoint.map(|e| {
         let list = e.into_vec();
         // `--entrypoint ""` arrives as [""]: an empty entrypoint, not the image's.
@@ -188,6 +248,15 @@ fn container_spec(body: CreateBody) -> ApiResult<ContainerSpec> {
             network_mode: host.network_mode,
             mounts,
             volumes_from: host.volumes_from.unwrap_or_default(),
+            port_bindings,
+            publish_all_ports: host.publish_all_ports,
+            dns: DnsConfig {
+                servers: host.dns.unwrap_or_default(),
+                search: host.dns_search.unwrap_or_default(),
+                options: host.dns_options.unwrap_or_default(),
+            },
+            extra_hosts: host.extra_hosts.unwrap_or_default(),
+            endpoints,
         },
     })
 }
@@ -228,24 +297,29 @@ pub fn list(engine: &Arc<Engine>, query: &Query) -> ApiResult<ApiResponse> {
 
 fn matches_filters(record: &ContainerRecord, filters: &HashMap<String, Vec<String>>) -> bool {
     filters.iter().all(|(name, values)| {
+        let matches = |value: &String| match name.as_str() {
+            "id" => record.id.starts_with(value.as_str()),
+            "name" => record.name.contains(value.trim_start_matches('/')),
+            "status" => record.state.status.as_str() == value,
+            "exited" => {
+                record.state.status == Status::Exited
+                    && record.state.exit_code.to_string() == *value
+            }
+            "label" => match value.split_once('=') {
+                Some((k, v)) => record.spec.labels.get(k).is_some_and(|l| l == v),
+                None => record.spec.labels.contains_key(value.as_str()),
+            },
+            "ancestor" => record.spec.image == *value || record.image_id.contains(value.as_str()),
+            _ => true,
+        };
+        // As in dockerd: every label filter must match (compose selects a project's service
+        // with several), other filters match any of their values.
         values.is_empty()
-            || values.iter().any(|value| match name.as_str() {
-                "id" => record.id.starts_with(value.as_str()),
-                "name" => record.name.contains(value.trim_start_matches('/')),
-                "status" => record.state.status.as_str() == value,
-                "exited" => {
-                    record.state.status == Status::Exited
-                        && record.state.exit_code.to_string() == *value
-                }
-                "label" => match value.split_once('=') {
-                    Some((k, v)) => record.spec.labels.get(k).is_some_and(|l| l == v),
-                    None => record.spec.labels.contains_key(value.as_str()),
-                },
-                "ancestor" => {
-                    record.spec.image == *value || record.image_id.contains(value.as_str())
-                }
-                _ => true,
-            })
+            || if name == "label" {
+                values.iter().all(matches)
+            } else {
+                values.iter().any(matches)
+            }
     })
 }
 
@@ -334,22 +408,142 @@ fn summary(record: &ContainerRecord) -> Value {
         "ImageID": record.image_id,
         "Command": command_text(record),
         "Created": unix_seconds(&record.created),
-        "Ports": [],
+        "Ports": port_summaries(record),
         "Labels": record.spec.labels,
         "State": record.state.status.as_str(),
         "Status": status_text(record),
         "HostConfig": { "NetworkMode": network_mode(record) },
-        "NetworkSettings": { "Networks": {} },
+        "NetworkSettings": { "Networks": networks_json(record) },
         "Mounts": mounts_json(&record.spec.host.mounts),
     })
 }
 
 fn network_mode(record: &ContainerRecord) -> String {
-    if record.spec.host.network_mode.is_empty() {
-        "none".to_owned()
-    } else {
-        record.spec.host.network_mode.clone()
+    NetworkMode::display(&record.spec.host.network_mode)
+}
+
+/// `Ports` of a `docker ps` entry: one per published port.
+fn port_summaries(record: &ContainerRecord) -> Vec<Value> {
+    record
+        .network
+        .ports
+        .iter()
+        .map(|p| {
+            json!({
+                "IP": p.host_ip.to_string(),
+                "PrivatePort": p.container_port,
+                "PublicPort": p.host_port,
+                "Type": p.protocol.to_string(),
+            })
+        })
+        .collect()
+}
+
+/// `HostConfig.PortBindings` as asked for.
+fn port_bindings_json(record: &ContainerRecord) -> Value {
+    let map: serde_json::Map<String, Value> = record
+        .spec
+        .host
+        .port_bindings
+        .iter()
+        .map(|(key, bindings)| {
+            let list: Vec<Value> = bindings
+                .iter()
+                .map(|b| json!({ "HostIp": b.host_ip, "HostPort": b.host_port }))
+                .collect();
+            (key.clone(), Value::Array(list))
+        })
+        .collect();
+    Value::Object(map)
+}
+
+/// `NetworkSettings.Networks`: each bridge endpoint while the container runs, or the mode's
+/// network (`host`, `none`) with no address.
+fn networks_json(record: &ContainerRecord) -> Value {
+    let mode = network_mode(record);
+    let mut networks = serde_json::Map::new();
+    for endpoint in &record.network.endpoints {
+        let mut names = vec![record.name.clone(), record.id[..12].to_owned()];
+        names.extend(endpoint.aliases.iter().cloned());
+        networks.insert(
+            endpoint.network.clone(),
+            json!({
+                "IPAMConfig": Value::Null,
+                "Links": Value::Null,
+                "Aliases": endpoint.aliases,
+                "MacAddress": format_mac_of(endpoint),
+                "NetworkID": endpoint.network_id,
+                "EndpointID": record.id,
+                "Gateway": endpoint.gateway.to_string(),
+                "IPAddress": endpoint.address.to_string(),
+                "IPPrefixLen": endpoint.prefix_len,
+                "IPv6Gateway": "",
+                "GlobalIPv6Address": "",
+                "GlobalIPv6PrefixLen": 0,
+                "DNSNames": names,
+            }),
+        );
     }
+    if networks.is_empty() && !mode.starts_with("container:") {
+        networks.insert(
+            mode.clone(),
+            json!({
+                "NetworkID": "", "EndpointID": "", "Gateway": "", "IPAddress": "",
+                "IPPrefixLen": 0, "MacAddress": "", "Aliases": Value::Null,
+            }),
+        );
+    }
+    Value::Object(networks)
+}
+
+/// `NetworkSettings` of inspect: addresses on the default bridge and the published ports
+/// (`{"80/tcp": [{"HostIp": "0.0.0.0", "HostPort": "8080"}]}`, null for exposed but
+/// unpublished ports, as `docker port` reads them).
+fn network_settings_json(record: &ContainerRecord, exposed: &[String]) -> Value {
+    let mut ports = serde_json::Map::new();
+    if record.state.status.is_running() {
+        for key in exposed {
+            let key = if key.contains('/') {
+                key.clone()
+            } else {
+                format!("{key}/tcp")
+            };
+            ports.insert(key, Value::Null);
+        }
+        for port in &record.network.ports {
+            let entry = ports
+                .entry(format!("{}/{}", port.container_port, port.protocol))
+                .or_insert(Value::Null);
+            if entry.is_null() {
+                *entry = Value::Array(Vec::new());
+            }
+            if let Value::Array(list) = entry {
+                list.push(json!({ "HostIp": port.host_ip.to_string(), "HostPort": port.host_port.to_string() }));
+            }
+        }
+    }
+    // The top-level fields describe the default bridge's endpoint, as in dockerd.
+    let bridge = record
+        .network
+        .endpoints
+        .iter()
+        .find(|e| e.network == berth_engine::network::DEFAULT_NETWORK);
+    json!({
+        "Bridge": "",
+        "SandboxID": "",
+        "SandboxKey": "",
+        "HairpinMode": false,
+        "Ports": ports,
+        "IPAddress": bridge.map(|b| b.address.to_string()).unwrap_or_default(),
+        "IPPrefixLen": bridge.map_or(0, |b| b.prefix_len),
+        "Gateway": bridge.map(|b| b.gateway.to_string()).unwrap_or_default(),
+        "MacAddress": bridge.map(format_mac_of).unwrap_or_default(),
+        "EndpointID": if bridge.is_some() { record.id.clone() } else { String::new() },
+        "GlobalIPv6Address": "",
+        "GlobalIPv6PrefixLen": 0,
+        "IPv6Gateway": "",
+        "Networks": networks_json(record),
+    })
 }
 
 /// `GET /containers/{id}/json`.
@@ -425,6 +619,12 @@ pub fn inspect(engine: &Arc<Engine>, reference: &str) -> ApiResult<ApiResponse> 
             "LogConfig": { "Type": "berth", "Config": {} },
             "PortBindings": {},
             "VolumesFrom": spec.host.volumes_from,
+            "PortBindings": port_bindings_json(&record),
+            "PublishAllPorts": spec.host.publish_all_ports,
+            "Dns": spec.host.dns.servers,
+            "DnsSearch": spec.host.dns.search,
+            "DnsOptions": spec.host.dns.options,
+            "ExtraHosts": spec.host.extra_hosts,
         },
         "GraphDriver": { "Name": "overlay2", "Data": {} },
         "Mounts": mounts_json(&spec.host.mounts),
@@ -449,7 +649,7 @@ pub fn inspect(engine: &Arc<Engine>, reference: &str) -> ApiResult<ApiResponse> 
             "StopSignal": spec.stop_signal,
             "StopTimeout": spec.stop_timeout,
         },
-        "NetworkSettings": { "Networks": {}, "Ports": {}, "IPAddress": "", "Gateway": "", "MacAddress": "" },
+        "NetworkSettings": network_settings_json(&record, &spec.exposed_ports),
     });
     Ok(body::json(StatusCode::OK, &value))
 }

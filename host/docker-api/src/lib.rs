@@ -17,6 +17,7 @@ pub mod error;
 pub mod exec;
 pub mod hijack;
 pub mod images;
+pub mod networks;
 pub mod query;
 pub mod router;
 pub mod system;

@@ -15,8 +15,8 @@ use crate::body::{self, ApiResponse};
 use crate::error::{ApiError, ApiResult};
 use crate::query::Query;
 use crate::{
-    archive, build, commit, containers, exec, images, system, volumes, API_VERSION, ENGINE_VERSION,
-    MIN_API_VERSION,
+    archive, build, commit, containers, exec, images, networks, system, volumes, API_VERSION,
+    ENGINE_VERSION, MIN_API_VERSION,
 };
 
 /// A parsed `major.minor` API version.
@@ -144,17 +144,21 @@ async fn dispatch(
         (&M::POST, ["build"]) => build::build(&engine, &query, request).await,
         (&M::POST, ["commit"]) => commit::commit(&engine, &query).await,
         (&M::POST, ["volumes", "create"]) => volumes::create(&engine, request).await,
-        // `docker system prune` asks for this too; without user-defined networks there is
-        // nothing to delete.
-        (&M::POST, ["networks", "prune"]) => Ok(body::json(
-            StatusCode::OK,
-            &serde_json::json!({ "NetworksDeleted": [] }),
-        )),
         (&M::POST, ["build", "prune"]) => build::prune(&engine).await,
         (&M::POST, ["volumes", "prune"]) => volumes::prune(&engine, &query).await,
         (&M::GET, ["volumes"]) => volumes::list(&engine, &query),
         (&M::GET, ["volumes", name]) => volumes::inspect(&engine, name),
         (&M::DELETE, ["volumes", name]) => volumes::remove(&engine, name, &query).await,
+        (&M::GET, ["networks"]) => networks::list(&engine, &query),
+        (&M::POST, ["networks", "create"]) => networks::create(&engine, request).await,
+        (&M::POST, ["networks", "prune"]) => networks::prune(&engine),
+        (&M::GET, ["networks", id]) => networks::inspect(&engine, id),
+        (&M::DELETE, ["networks", id]) => networks::remove(&engine, id),
+        (&M::POST, ["networks", id, "connect"]) => networks::connect(&engine, id, request).await,
+        (&M::POST, ["networks", id, "disconnect"]) => {
+            networks::disconnect(&engine, id, request).await
+        }
+
         (&M::GET, ["images", "json"]) => images::list(&engine, &query).await,
         (&M::POST, ["images", "load"]) => images::load(&engine, request).await,
         (&M::POST, ["images", "create"]) => images::create(&engine, &query, request).await,

@@ -498,6 +498,30 @@ impl AgentClient {
         self.call_done(Request::Notify(FileChanges { paths }), "Notify")
     }
 
+    /// Replaces the names the guest's embedded DNS answers on one network.
+    pub fn set_dns_names(
+        &mut self,
+        names: agent_protocol::DnsNames,
+    ) -> Result<(), AgentClientError> {
+        self.call_done(Request::SetDnsNames(names), "SetDnsNames")
+    }
+
+    /// Plugs a running container into one more network.
+    pub fn connect_network(
+        &mut self,
+        request: agent_protocol::NetworkAttachment,
+    ) -> Result<(), AgentClientError> {
+        self.call_done(Request::ConnectNetwork(request), "ConnectNetwork")
+    }
+
+    /// Unplugs one interface of a running container.
+    pub fn disconnect_network(
+        &mut self,
+        request: agent_protocol::NetworkDetachment,
+    ) -> Result<(), AgentClientError> {
+        self.call_done(Request::DisconnectNetwork(request), "DisconnectNetwork")
+    }
+
     fn call_done(&mut self, request: Request, name: &'static str) -> Result<(), AgentClientError> {
         match self.call(request)? {
             Response::Done => Ok(()),

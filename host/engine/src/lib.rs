@@ -14,6 +14,7 @@ pub mod exec;
 pub mod host;
 pub mod images;
 pub mod machine;
+pub mod network;
 pub mod runtime;
 pub(crate) mod sync;
 pub mod vm;

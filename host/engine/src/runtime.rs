@@ -5,12 +5,14 @@
 //! [`ErrorKind`].
 
 use std::collections::HashMap;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use agent_protocol::{
-    ContainerConfig, CreateContainer, OverlayDirs, StreamHeader, StreamKind, SystemInfo,
+    ContainerConfig, ContainerNetwork, CreateContainer, OverlayDirs, StreamHeader, StreamKind,
+    SystemInfo,
 };
 use bytes::Bytes;
 use thiserror::Error;
@@ -28,6 +30,11 @@ use crate::containers::{
 use crate::events::Events;
 use crate::images::{Image, ImageError, ImageStore, ImageUser};
 use crate::machine::{describe, Machine, MachineError, Session};
+use crate::network::forward::{self, Forwarders};
+use crate::network::store::{self, Networks};
+use crate::network::{
+    self as net, BridgeEndpoint, Ipam, NetworkMode, NetworkSettings, DEFAULT_NETWORK,
+};
 use crate::sync::lock;
 use crate::vm::VmConfig;
 use crate::volumes::{VolumeError, VolumeStore};
@@ -87,6 +94,8 @@ pub enum EngineError {
     Mount(#[from] crate::containers::mounts::MountSpecError),
     #[error("{0}")]
     Bind(#[from] crate::binds::BindError),
+    #[error("{0}")]
+    Network(#[from] crate::network::NetworkError),
 }
 
 impl EngineError {
@@ -111,6 +120,7 @@ impl EngineError {
             Self::Mount(crate::containers::mounts::MountSpecError::Volume(e)) => e.kind(),
             Self::Mount(_) => ErrorKind::InvalidArgument,
             Self::Bind(e) => e.kind(),
+            Self::Network(e) => e.kind(),
         }
     }
 }
@@ -152,6 +162,12 @@ pub struct Engine {
     containers: RwLock<HashMap<String, Arc<Container>>>,
     pub(crate) execs: Mutex<HashMap<String, Arc<crate::exec::Exec>>>,
     last_info: Mutex<Option<SystemInfo>>,
+    /// Addresses on the default bridge.
+    ipam: Ipam,
+    /// User-defined networks.
+    pub networks: Networks,
+    /// Published ports of running containers, by container id.
+    forwarders: Mutex<HashMap<String, Forwarders>>,
 }
 
 impl Engine {
@@ -161,6 +177,8 @@ impl Engine {
         let images = ImageStore::open(&config.data_root.join("images"))?;
         let volumes = VolumeStore::open(&config.data_root.join("volumes"))?;
         let machine = Machine::new(config.vm.clone());
+        let networks = Networks::open(&config.data_root.join("networks"))
+            .map_err(|e| EngineError::Io("open the network records", e))?;
         let engine = Arc::new(Self {
             images: Arc::new(images),
             volumes,
@@ -170,6 +188,9 @@ impl Engine {
             containers: RwLock::new(HashMap::new()),
             execs: Mutex::new(HashMap::new()),
             last_info: Mutex::new(None),
+            ipam: Ipam::default_bridge(),
+            networks,
+            forwarders: Mutex::new(HashMap::new()),
             config,
         });
         engine.restore()?;
@@ -195,6 +216,7 @@ impl Engine {
                 record.state.exit_code = LOST_EXIT_CODE;
                 record.state.error = "berthd stopped while the container ran".into();
                 record.state.finished_at = now_rfc3339();
+                record.network = NetworkSettings::default();
                 if let Err(e) = write_record(&dir, &record) {
                     warn!(id = %record.id, error = %e, "cannot update a container record");
                 }
@@ -289,6 +311,7 @@ impl Engine {
         spec: ContainerSpec,
     ) -> Result<Arc<Container>, EngineError> {
         spec::validate(&spec)?;
+        self.check_networks(&spec)?;
         let store = Arc::clone(&self.images);
         let reference = spec.image.clone();
         let image = blocking_image(move || store.resolve(&reference)).await?;
@@ -338,6 +361,7 @@ impl Engine {
             state: ContainerState::default(),
             restart_count: 0,
             stopped_by_user: false,
+            network: Default::default(),
         };
         let dir = self.containers_root().join(&id);
         write_record(&dir, &record).map_err(|e| EngineError::Io("store the container", e))?;
@@ -498,6 +522,7 @@ impl Engine {
         match self.try_launch(container).await {
             Ok(()) => Ok(()),
             Err(e) => {
+                self.release_network(container).await;
                 let message = e.to_string();
                 let _ = container.update(|r| {
                     r.state.status = if r.state.started_at == crate::containers::ZERO_TIME {
@@ -524,6 +549,14 @@ impl Engine {
         let image = blocking_image(move || store.resolve(&image_id)).await?;
         let image_config = image.config.config().clone().unwrap_or_default();
         let runtime_spec = spec::build_runtime_spec(&record.spec, &image_config, &container.id)?;
+        let exposed: Vec<String> = record
+            .spec
+            .exposed_ports
+            .iter()
+            .cloned()
+            .chain(image_config.exposed_ports().clone().unwrap_or_default())
+            .collect();
+        let plan = self.plan_network(container, &record, &exposed)?;
         let session = self.storage_session().await?;
         let lower_dirs = self.ensure_layers(&session, &image).await?;
         let dir = guest_container_dir(&session, &container.id);
@@ -558,9 +591,14 @@ impl Engine {
                 }),
                 cgroup_parent: PathBuf::from(CGROUP_PARENT),
                 hostname_file: Some(format!("{hostname}\n")),
-                hosts_file: Some(hosts_file(&hostname)),
-                resolv_conf_file: Some(String::new()),
+                hosts_file: Some(net::hosts_file(
+                    &hostname,
+                    plan.own_address,
+                    &record.spec.host.extra_hosts,
+                )?),
+                resolv_conf_file: Some(net::resolv_conf(&record.spec.host.dns, plan.dns_server)?),
                 seccomp_unconfined,
+                network: Some(plan.wire),
             }),
             stdin: record.spec.open_stdin,
             tty: record.spec.tty,
@@ -578,6 +616,18 @@ impl Engine {
             io.abort();
             self.delete_in_guest(&session, &container.id).await;
             return Err(e.into());
+        }
+        self.refresh_dns(&session, &plan.on_networks).await;
+        if let (Some(target), false) = (plan.forward_to, plan.bound.is_empty()) {
+            // The container runs already: a port that cannot be served is logged, not fatal.
+            match forward::start(&session, &container.id, target, plan.bound) {
+                Ok(forwarders) => {
+                    lock(&self.forwarders).insert(container.id.clone(), forwarders);
+                }
+                Err(e) => {
+                    warn!(id = %container.id, error = %e, "cannot serve the published ports")
+                }
+            }
         }
         container
             .update(|r| {
@@ -597,6 +647,216 @@ impl Engine {
         self.watch_binds(&container.id, &record.spec.host.mounts);
         tokio::spawn(Arc::clone(self).supervise(Arc::clone(container), session, io));
         Ok(())
+    }
+
+    /// Decides the container's network for this run: addresses on its bridge networks
+    /// (recorded at once, so a failed launch releases them), and its published ports bound on
+    /// the host, before anything happens in the guest.
+    fn plan_network(
+        &self,
+        container: &Arc<Container>,
+        record: &ContainerRecord,
+        exposed: &[String],
+    ) -> Result<NetworkPlan, EngineError> {
+        let host = &record.spec.host;
+        let mode = NetworkMode::parse(&host.network_mode)?;
+        let (wire, endpoints, forward_to) = match &mode {
+            NetworkMode::None => (ContainerNetwork::None, Vec::new(), None),
+            NetworkMode::Host => (
+                ContainerNetwork::Host,
+                Vec::new(),
+                Some(Ipv4Addr::LOCALHOST),
+            ),
+            NetworkMode::Container(reference) => {
+                let other = self.container(reference)?;
+                if !other.status().is_running() || other.id == container.id {
+                    return Err(EngineError::InvalidArgument(format!(
+                        "cannot join network namespace of a non running container: {reference}"
+                    )));
+                }
+                let address = other.record().network.endpoints.first().map(|b| b.address);
+                let wire = ContainerNetwork::Container {
+                    id: other.id.clone(),
+                };
+                (wire, Vec::new(), address)
+            }
+            NetworkMode::Bridge | NetworkMode::Named(_) => {
+                let endpoints = self.allocate_endpoints(&mode, host)?;
+                let wire = ContainerNetwork::Bridge {
+                    endpoints: endpoints.iter().map(BridgeEndpoint::to_wire).collect(),
+                };
+                let first = endpoints.first().map(|e| e.address);
+                (wire, endpoints, first)
+            }
+        };
+        let own_address = endpoints.first().map(|e| e.address);
+        let dns_server = endpoints
+            .iter()
+            .find(|e| e.network != DEFAULT_NETWORK)
+            .map(|e| e.gateway);
+        let on_networks = endpoints.iter().map(|e| e.network_id.clone()).collect();
+        container
+            .update(|r| {
+                r.network = NetworkSettings {
+                    endpoints,
+                    ports: Vec::new(),
+                }
+            })
+            .map_err(|e| EngineError::Io("store the container", e))?;
+        let (bound, published) = match forward_to {
+            Some(_) => {
+                let bindings =
+                    net::bindings_to_publish(&host.port_bindings, host.publish_all_ports, exposed)?;
+                let endpoint = forward::Endpoint {
+                    id: &container.id,
+                    name: &record.name,
+                };
+                forward::bind_all(endpoint, &bindings)?
+            }
+            None => (Vec::new(), Vec::new()),
+        };
+        container
+            .update(|r| r.network.ports = published)
+            .map_err(|e| EngineError::Io("store the container", e))?;
+        Ok(NetworkPlan {
+            wire,
+            own_address,
+            dns_server,
+            on_networks,
+            forward_to,
+            bound,
+        })
+    }
+
+    /// An address on the mode's network and on every other network the container was
+    /// connected to; nothing stays allocated if one fails.
+    fn allocate_endpoints(
+        &self,
+        mode: &NetworkMode,
+        host: &spec::HostSpec,
+    ) -> Result<Vec<BridgeEndpoint>, EngineError> {
+        let mut names: Vec<Option<&str>> = Vec::new();
+        match mode {
+            NetworkMode::Named(name) => names.push(Some(name)),
+            _ => names.push(None),
+        }
+        for name in host.endpoints.keys() {
+            if !matches!(mode, NetworkMode::Named(own) if own == name) {
+                names.push(Some(name));
+            }
+        }
+        let mut endpoints: Vec<BridgeEndpoint> = Vec::new();
+        for (position, name) in names.into_iter().enumerate() {
+            match self.allocate_endpoint(name, host, &format!("eth{position}")) {
+                Ok(endpoint) => endpoints.push(endpoint),
+                Err(e) => {
+                    for endpoint in &endpoints {
+                        self.release_endpoint(endpoint);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(endpoints)
+    }
+
+    /// An address on the user network `name`, or on the default bridge for `None`.
+    pub(crate) fn allocate_endpoint(
+        &self,
+        name: Option<&str>,
+        host: &spec::HostSpec,
+        ifname: &str,
+    ) -> Result<BridgeEndpoint, EngineError> {
+        let Some(name) = name else {
+            let address = self.ipam.allocate()?;
+            return Ok(BridgeEndpoint {
+                network: DEFAULT_NETWORK.to_owned(),
+                network_id: store::builtin_id(DEFAULT_NETWORK),
+                bridge: net::DEFAULT_BRIDGE.to_owned(),
+                aliases: Vec::new(),
+                ifname: ifname.to_owned(),
+                address,
+                prefix_len: self.ipam.prefix_len(),
+                gateway: self.ipam.gateway(),
+                mac: net::mac_for(address),
+            });
+        };
+        let (network, ipam) = self.networks.get(name)?;
+        let address = ipam.allocate()?;
+        Ok(BridgeEndpoint {
+            network: network.name.clone(),
+            network_id: network.id.clone(),
+            bridge: network.bridge(),
+            aliases: host
+                .endpoints
+                .get(name)
+                .map(|e| e.aliases.clone())
+                .unwrap_or_default(),
+            ifname: ifname.to_owned(),
+            address,
+            prefix_len: network.prefix_len,
+            gateway: network.gateway,
+            mac: net::mac_for(address),
+        })
+    }
+
+    pub(crate) fn release_endpoint(&self, endpoint: &BridgeEndpoint) {
+        if endpoint.network == DEFAULT_NETWORK {
+            self.ipam.release(endpoint.address);
+        } else if let Ok((_, ipam)) = self.networks.get(&endpoint.network_id) {
+            ipam.release(endpoint.address);
+        }
+    }
+
+    /// Ends the container's forwarders and returns its addresses: the run is over. The
+    /// embedded DNS of its user networks forgets its names.
+    async fn release_network(&self, container: &Arc<Container>) {
+        lock(&self.forwarders).remove(&container.id);
+        let mut left = Vec::new();
+        let _ = container.update(|r| {
+            for endpoint in r.network.endpoints.drain(..) {
+                self.release_endpoint(&endpoint);
+                left.push(endpoint.network_id);
+            }
+            r.network = NetworkSettings::default();
+        });
+        if let Some(session) = self.machine.current().await {
+            self.refresh_dns(&session, &left).await;
+        }
+    }
+
+    /// Sends the embedded DNS of each user network in `network_ids` the names of the
+    /// containers running on it: container name, short id and aliases.
+    pub(crate) async fn refresh_dns(&self, session: &Arc<Session>, network_ids: &[String]) {
+        for network_id in network_ids {
+            let Ok((network, _)) = self.networks.get(network_id) else {
+                continue;
+            };
+            let mut names = Vec::new();
+            for other in self.list() {
+                let record = other.record();
+                let Some(endpoint) = record
+                    .network
+                    .endpoints
+                    .iter()
+                    .find(|e| e.network_id == network.id)
+                else {
+                    continue;
+                };
+                names.push((record.name.clone(), endpoint.address));
+                names.push((record.id[..12].to_owned(), endpoint.address));
+                for alias in &endpoint.aliases {
+                    names.push((alias.clone(), endpoint.address));
+                }
+            }
+            let request = agent_protocol::DnsNames {
+                gateway: network.gateway,
+                names,
+            };
+            if let Err(e) = session.call(move |a| a.set_dns_names(request)).await {
+                warn!(network = %network.name, error = %describe(&e), "cannot update the embedded DNS");
+            }
+        }
     }
 
     /// Makes sure every layer of `image` is unpacked in the guest; returns the layer
@@ -724,6 +984,7 @@ impl Engine {
             self.delete_in_guest(&session, &container.id).await;
         }
         self.unwatch_binds(&container.id);
+        self.release_network(&container).await;
         let record = container
             .update(|r| {
                 r.state.status = Status::Exited;
@@ -1214,10 +1475,21 @@ pub(crate) fn guest_container_dir(session: &Session, id: &str) -> PathBuf {
     session.storage_root().join("containers").join(id)
 }
 
-fn hosts_file(hostname: &str) -> String {
-    format!(
-        "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n"
-    )
+/// A run's network, decided by the host before the guest creates the container.
+#[derive(Debug)]
+struct NetworkPlan {
+    /// What the agent sets up.
+    wire: ContainerNetwork,
+    /// The container's own address, for its `/etc/hosts`.
+    own_address: Option<Ipv4Addr>,
+    /// The embedded DNS server of its first user network, if it is on one.
+    dns_server: Option<Ipv4Addr>,
+    /// Ids of the networks it joins, whose DNS learns its names once it runs.
+    on_networks: Vec<String>,
+    /// Where published ports go in the guest; `None` publishes nothing (`--network none`).
+    forward_to: Option<Ipv4Addr>,
+    /// Host sockets of the published ports, bound and not yet serving.
+    bound: Vec<forward::BoundPort>,
 }
 
 /// Runs an image-store call off the async threads.

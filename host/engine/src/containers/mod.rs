@@ -119,6 +119,9 @@ pub struct ContainerRecord {
     /// The user stopped it (so its restart policy leaves it alone).
     #[serde(default)]
     pub stopped_by_user: bool,
+    /// Its addresses and published ports while it runs; empty otherwise.
+    #[serde(default)]
+    pub network: crate::network::NetworkSettings,
 }
 
 /// A last exit, as waiters see it.
@@ -256,6 +259,7 @@ mod tests {
             state: ContainerState::default(),
             restart_count: 0,
             stopped_by_user: false,
+            network: Default::default(),
         }
     }
 

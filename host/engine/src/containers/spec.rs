@@ -86,7 +86,7 @@ pub struct HostSpec {
     pub security_opt: Vec<String>,
     /// Terminal size at create (rows, columns).
     pub console_size: Option<(u16, u16)>,
-    /// `--network`, kept for inspect.
+    /// `--network`: `bridge` (or empty), `none`, `host`, `container:<id>`.
     pub network_mode: String,
     /// Bind mounts and volumes (from `Binds`, `Mounts`, the image's and the config's
     /// `Volumes` and `--volumes-from`); anonymous volumes are named at create.
@@ -95,6 +95,22 @@ pub struct HostSpec {
     /// `--volumes-from`, kept for inspect.
     #[serde(default)]
     pub volumes_from: Vec<String>,
+    /// `-p`: container port (`80/tcp`) to the host bindings asked for.
+    #[serde(default)]
+    pub port_bindings: BTreeMap<String, Vec<crate::network::HostBinding>>,
+    /// `-P`: publish every exposed port on a free host port.
+    #[serde(default)]
+    pub publish_all_ports: bool,
+    /// `--dns`, `--dns-search`, `--dns-option`.
+    #[serde(default)]
+    pub dns: crate::network::DnsConfig,
+    /// `--add-host` entries, `name:ip`.
+    #[serde(default)]
+    pub extra_hosts: Vec<String>,
+    /// User-defined networks joined (the mode's own and `docker network connect`ed ones), by
+    /// name as given, with the aliases asked for on each.
+    #[serde(default)]
+    pub endpoints: BTreeMap<String, crate::network::EndpointSpec>,
 }
 
 /// When a container is started again after it exits.
@@ -162,9 +178,31 @@ impl SpecError {
     }
 }
 
+/// The network settings that can be checked without other containers: the mode's syntax,
+/// port specs, `--add-host` and `--dns` values.
+fn validate_network(spec: &ContainerSpec) -> Result<(), crate::network::NetworkError> {
+    use crate::network::{self, NetworkMode};
+    let mode = NetworkMode::parse(&spec.host.network_mode)?;
+    let publishes = !spec.host.port_bindings.is_empty() || spec.host.publish_all_ports;
+    if matches!(mode, NetworkMode::Container(_)) && publishes {
+        return Err(network::NetworkError::Invalid(
+            "conflicting options: port publishing and the container type network mode".into(),
+        ));
+    }
+    network::bindings_to_publish(
+        &spec.host.port_bindings,
+        spec.host.publish_all_ports,
+        &spec.exposed_ports,
+    )?;
+    network::hosts_file("h", None, &spec.host.extra_hosts)?;
+    network::resolv_conf(&spec.host.dns, None)?;
+    Ok(())
+}
+
 /// Validates what can be checked at create time, before anything is stored.
 pub fn validate(spec: &ContainerSpec) -> Result<(), SpecError> {
     spec.host.restart_policy.validate()?;
+    validate_network(spec).map_err(|e| SpecError::Invalid(e.to_string()))?;
     if spec.host.auto_remove && !matches!(spec.host.restart_policy.name.as_str(), "" | "no") {
         return Err(SpecError::Invalid(
             "can't create 'AutoRemove' container with restart policy".into(),

@@ -288,6 +288,10 @@ pub fn qemu_args(config: &VmConfig, accel: Accel, vhost_socket: Option<&Path>) -
     // A guest reboot (how the agent powers off, and what panic=-1 does) ends QEMU.
     push(&["-no-reboot"]);
     push(&["-device", "virtio-rng-device"]);
+    // The guest's uplink for outbound traffic: QEMU's user-mode stack (libslirp), no TAP and
+    // no privileges. Its 10.0.2.2 is the host's loopback (`host.docker.internal`).
+    push(&["-netdev", "user,id=net0"]);
+    push(&["-device", "virtio-net-device,netdev=net0"]);
     if let Some(vhost_socket) = vhost_socket {
         let mut chardev = OsString::from("socket,id=vsock0,path=");
         chardev.push(vhost_socket);
@@ -481,6 +485,13 @@ mod tests {
         assert!(args.contains("-device vhost-user-vsock-device,chardev=vsock0"));
         assert!(args.contains("-serial file:/run/berth/vm/console.log"));
         assert!(args.contains("-no-reboot"));
+    }
+
+    #[test]
+    fn qemu_args_give_the_guest_a_user_mode_uplink() {
+        let args = joined(Accel::Tcg);
+
+        assert!(args.contains("-netdev user,id=net0 -device virtio-net-device,netdev=net0"));
     }
 
     #[test]
