@@ -31,6 +31,24 @@ pub fn skip(reason: &str) {
     eprintln!("SKIPPED: {reason}");
 }
 
+/// Output bytes as text, for assertions and messages.
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Starts a [`daemon::TestDaemon`] on the calling test crate's `berthd`, or returns from the
+/// calling test after [`skip`] says why it cannot run here.
+#[macro_export]
+macro_rules! daemon_or_skip {
+    () => {
+        match $crate::daemon::TestDaemon::start(std::path::Path::new(env!("CARGO_BIN_EXE_berthd")))
+        {
+            Ok(daemon) => daemon,
+            Err(reason) => return $crate::skip(&reason),
+        }
+    };
+}
+
 /// What a VM scenario needs: the built assets, the backend for this host, and a private
 /// state directory. Holding it serializes VM scenarios in one test binary.
 #[derive(Debug)]

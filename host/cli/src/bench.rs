@@ -183,17 +183,7 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
             busybox,
             record,
         } => {
-            let berthd = match berthd {
-                Some(path) => path,
-                None => std::env::current_exe()
-                    .context("locating berth")?
-                    .with_file_name("berthd"),
-            };
-            let tools = RunTools {
-                berthd,
-                docker,
-                busybox,
-            };
+            let tools = RunTools::new(berthd, docker, busybox)?;
             bench_run(runs, &archive, &tools, record.as_deref())
         }
         BenchCommand::Build {
@@ -204,17 +194,7 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
             busybox,
             record,
         } => {
-            let berthd = match berthd {
-                Some(path) => path,
-                None => std::env::current_exe()
-                    .context("locating berth")?
-                    .with_file_name("berthd"),
-            };
-            let tools = RunTools {
-                berthd,
-                docker,
-                busybox,
-            };
+            let tools = RunTools::new(berthd, docker, busybox)?;
             crate::bench_build::run(runs, &archive, &tools, record.as_deref())
         }
         BenchCommand::Fs {
@@ -226,17 +206,7 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
             busybox,
             record,
         } => {
-            let berthd = match berthd {
-                Some(path) => path,
-                None => std::env::current_exe()
-                    .context("locating berth")?
-                    .with_file_name("berthd"),
-            };
-            let tools = RunTools {
-                berthd,
-                docker,
-                busybox,
-            };
+            let tools = RunTools::new(berthd, docker, busybox)?;
             let config = crate::bench_fs::FsBenchConfig { size_mib, files };
             crate::bench_fs::run(&config, &archive, &tools, record.as_deref())
         }
@@ -250,17 +220,7 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
             busybox,
             record,
         } => {
-            let berthd = match berthd {
-                Some(path) => path,
-                None => std::env::current_exe()
-                    .context("locating berth")?
-                    .with_file_name("berthd"),
-            };
-            let tools = RunTools {
-                berthd,
-                docker,
-                busybox,
-            };
+            let tools = RunTools::new(berthd, docker, busybox)?;
             let plan = crate::bench_ports::PortsPlan {
                 requests,
                 downloads,
@@ -277,6 +237,23 @@ pub(crate) struct RunTools {
     pub(crate) berthd: PathBuf,
     pub(crate) docker: PathBuf,
     pub(crate) busybox: PathBuf,
+}
+
+impl RunTools {
+    /// The tools, with berthd defaulting to the one beside this `berth`.
+    fn new(berthd: Option<PathBuf>, docker: PathBuf, busybox: PathBuf) -> anyhow::Result<Self> {
+        let berthd = match berthd {
+            Some(path) => path,
+            None => std::env::current_exe()
+                .context("locating berth")?
+                .with_file_name("berthd"),
+        };
+        Ok(Self {
+            berthd,
+            docker,
+            busybox,
+        })
+    }
 }
 
 /// A berthd started for a benchmark, stopped (VM included) when dropped.

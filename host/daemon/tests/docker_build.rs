@@ -5,21 +5,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use berth_tests::daemon::TestDaemon;
-use berth_tests::skip;
-
-macro_rules! daemon_or_skip {
-    () => {
-        match TestDaemon::start(std::path::Path::new(env!("CARGO_BIN_EXE_berthd"))) {
-            Ok(daemon) => daemon,
-            Err(reason) => return skip(&reason),
-        }
-    };
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
+use berth_tests::{daemon_or_skip, skip, text};
 
 const DOCKERFILE: &str = r#"# A two-stage build: the first stage makes a file, the second copies it.
 FROM busybox AS builder

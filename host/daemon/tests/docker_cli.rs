@@ -11,20 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use berth_tests::daemon::TestDaemon;
-use berth_tests::skip;
-
-macro_rules! daemon_or_skip {
-    () => {
-        match TestDaemon::start(std::path::Path::new(env!("CARGO_BIN_EXE_berthd"))) {
-            Ok(daemon) => daemon,
-            Err(reason) => return skip(&reason),
-        }
-    };
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
+use berth_tests::{daemon_or_skip, skip, text};
 
 #[test]
 fn docker_version_and_info_report_berth_and_the_guest_kernel() {

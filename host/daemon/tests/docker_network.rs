@@ -11,26 +11,13 @@ use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use berth_tests::daemon::TestDaemon;
-use berth_tests::skip;
-
-macro_rules! daemon_or_skip {
-    () => {
-        match TestDaemon::start(std::path::Path::new(env!("CARGO_BIN_EXE_berthd"))) {
-            Ok(daemon) => daemon,
-            Err(reason) => return skip(&reason),
-        }
-    };
-}
+use berth_tests::{daemon_or_skip, skip, text};
 
 /// The page the test web server serves.
 const PAGE: &str = "hello-from-berth";
 
 /// How long a containerised server may take to answer its first request (TCG is slow).
 const SERVER_READY: Duration = Duration::from_secs(60);
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
 
 /// A loopback port nothing listens on right now.
 fn free_port() -> u16 {

@@ -9,20 +9,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 
 use berth_tests::daemon::TestDaemon;
-use berth_tests::skip;
-
-macro_rules! daemon_or_skip {
-    () => {
-        match TestDaemon::start(std::path::Path::new(env!("CARGO_BIN_EXE_berthd"))) {
-            Ok(daemon) => daemon,
-            Err(reason) => return skip(&reason),
-        }
-    };
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
+use berth_tests::{daemon_or_skip, skip, text};
 
 /// `text` without the terminal colour sequences berthd's log may carry.
 fn strip_ansi(text: &str) -> String {

@@ -8,7 +8,7 @@
 //! - `COPY` and `ADD` need no container: the files from the context (or from an earlier
 //!   stage's or another image's filesystem, `--from`) are written straight into a layer tar,
 //!   owned by root or `--chown`'s ids, with `--chmod`'s mode; `ADD` unpacks local tar archives
-//!   (plain or gzip).
+//!   (plain, gzip or zstd).
 //! - Every other instruction changes only the run configuration: an image with no new layer.
 //!
 //! The cache is keyed like Docker's: the parent image, the instruction as the history records
@@ -18,7 +18,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{self, Read};
+use std::io::{self, BufRead, Read};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
@@ -1165,26 +1165,21 @@ fn build_copy_layer(
     Ok((tar, checksum))
 }
 
-/// Whether a context file is a tar archive ADD unpacks (plain or gzip).
+/// A file's contents, decompressed if it is gzip or zstd.
+fn open_decompressed(path: &Path) -> io::Result<Box<dyn Read>> {
+    let mut reader = io::BufReader::new(fs::File::open(path)?);
+    let compression = crate::images::Compression::detect(reader.fill_buf()?)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{} compression", e.0)))?;
+    compression.decoder(reader)
+}
+
+/// Whether a context file is a tar archive ADD unpacks (plain, gzip or zstd).
 fn is_tar_archive(path: &Path) -> bool {
-    let Ok(file) = fs::File::open(path) else {
+    let Ok(mut reader) = open_decompressed(path) else {
         return false;
     };
     let mut head = [0u8; 512];
-    let mut reader = io::BufReader::new(file);
-    let Ok(n) = read_full(&mut reader, &mut head) else {
-        return false;
-    };
-    if n >= 2 && head[..2] == [0x1f, 0x8b] {
-        let Ok(file) = fs::File::open(path) else {
-            return false;
-        };
-        let mut decoded = flate2::read::GzDecoder::new(file);
-        let mut inner = [0u8; 512];
-        return read_full(&mut decoded, &mut inner)
-            .is_ok_and(|n| n == 512 && &inner[257..262] == b"ustar");
-    }
-    n == 512 && &head[257..262] == b"ustar"
+    read_full(&mut reader, &mut head).is_ok_and(|n| n == 512 && &head[257..262] == b"ustar")
 }
 
 fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
@@ -1299,18 +1294,7 @@ impl LayerWriter<'_> {
 
     /// ADD of a local archive: its entries, under `target`.
     fn add_archive(&mut self, path: &Path, target: &str) -> io::Result<()> {
-        let file = fs::File::open(path)?;
-        let mut head = [0u8; 2];
-        let gzip = {
-            let mut probe = fs::File::open(path)?;
-            read_full(&mut probe, &mut head)? == 2 && head == [0x1f, 0x8b]
-        };
-        let reader: Box<dyn Read> = if gzip {
-            Box::new(flate2::read::GzDecoder::new(file))
-        } else {
-            Box::new(file)
-        };
-        let mut archive = tar::Archive::new(reader);
+        let mut archive = tar::Archive::new(open_decompressed(path)?);
         for entry in archive.entries()? {
             let mut entry = entry?;
             let relative = entry.path()?.into_owned();
@@ -1356,15 +1340,7 @@ impl LayerWriter<'_> {
 /// Applies one image layer to a directory on the host: entries written, whiteouts removing
 /// what lower layers put there. Used to read a stage's files for `COPY --from`.
 fn apply_layer(blob: &Path, target: &Path) -> io::Result<()> {
-    let file = fs::File::open(blob)?;
-    let mut head = [0u8; 2];
-    let gzip = read_full(&mut fs::File::open(blob)?, &mut head)? == 2 && head == [0x1f, 0x8b];
-    let reader: Box<dyn Read> = if gzip {
-        Box::new(flate2::read::GzDecoder::new(file))
-    } else {
-        Box::new(file)
-    };
-    let mut archive = tar::Archive::new(reader);
+    let mut archive = tar::Archive::new(open_decompressed(blob)?);
     archive.set_preserve_permissions(true);
     archive.set_overwrite(true);
     for entry in archive.entries()? {
@@ -1560,6 +1536,39 @@ mod tests {
         assert!(names.contains(&("app/sub/a".into(), 1000)), "{names:?}");
         assert!(names.contains(&("app/top".into(), 1000)), "{names:?}");
         assert_eq!(sum, again);
+    }
+
+    #[test]
+    fn add_unpacks_a_gzip_tar_under_the_destination() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut inner = tar::Builder::new(Vec::new());
+        let mut header = tar::Header::new_gnu();
+        header.set_size(5);
+        header.set_mode(0o644);
+        header.set_cksum();
+        inner
+            .append_data(&mut header, "pkg/readme", &b"hello"[..])
+            .unwrap();
+        let tar = inner.into_inner().unwrap();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, &tar).unwrap();
+        fs::write(dir.path().join("pkg.tar.gz"), gz.finish().unwrap()).unwrap();
+        let plan = CopyPlan {
+            owner: (0, 0),
+            mode: None,
+            unpack_archives: true,
+        };
+
+        let (layer, _) =
+            build_copy_layer(dir.path(), &["pkg.tar.gz".into()], "/opt/", &plan).unwrap();
+
+        let mut archive = tar::Archive::new(&layer[..]);
+        let names: Vec<String> = archive
+            .entries()
+            .unwrap()
+            .map(|e| e.unwrap().path().unwrap().display().to_string())
+            .collect();
+        assert!(names.contains(&"opt/pkg/readme".to_owned()), "{names:?}");
     }
 
     #[test]
