@@ -24,6 +24,7 @@ COPY --from=builder /out/result /result
 COPY --chown=1000:1000 app /app/
 ENTRYPOINT ["sh", "-c"]
 CMD ["cat /result; sh /app/run.sh"]
+HEALTHCHECK --interval=5s --retries=2 CMD test -f /result
 "#;
 
 fn write_context(dir: &Path) {
@@ -76,15 +77,22 @@ fn docker_build_multi_stage_runs_caches_and_saves_standard_layers() {
         "{{index .Config.Labels \"org.example.stage\"}}",
         "built:2",
     ]);
+    let health = daemon.docker_ok(&[
+        "image",
+        "inspect",
+        "--format",
+        "{{json .Config.Healthcheck}}",
+        "built:2",
+    ]);
     let archive = daemon.dir.path().join("built.tar");
     daemon.docker_ok(&["save", "-o", archive.to_str().unwrap(), "built:2"]);
 
     assert!(first.contains("Successfully tagged built:1"), "{first}");
     assert_eq!(run, "from the context\nhello\napp-v1\n");
-    // Steps 2..=6 of the first stage and 8..=12 of the second: all from cache.
+    // Steps 2..=6 of the first stage and 8..=13 of the second: all from cache.
     assert_eq!(
         cached_steps(&again),
-        vec![2, 3, 4, 5, 6, 8, 9, 10, 11, 12],
+        vec![2, 3, 4, 5, 6, 8, 9, 10, 11, 12, 13],
         "{again}"
     );
     // Only the COPY of the edited file and what follows it run again.
@@ -97,6 +105,14 @@ fn docker_build_multi_stage_runs_caches_and_saves_standard_layers() {
     );
     assert!(history.contains("COPY app /app/ in /app/"), "{history}");
     assert_eq!(labels, "final\n");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&health).expect("healthcheck JSON"),
+        serde_json::json!({
+            "Test": ["CMD-SHELL", "test -f /result"],
+            "Interval": 5_000_000_000u64,
+            "Retries": 2,
+        })
+    );
     if Command::new("skopeo").arg("--version").output().is_err() {
         return skip("skopeo is missing (apt-get install skopeo umoci)");
     }

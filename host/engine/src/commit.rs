@@ -49,7 +49,7 @@ impl Engine {
         let image = blocking_image(move || store.resolve(&image_id)).await?;
         let image_config = image.config.config().clone().unwrap_or_default();
         let mut config = committed_config(&record.spec, &image_config);
-        crate::build::builder::apply_changes(&mut config, &options.changes)?;
+        let docker_config = crate::build::builder::apply_changes(&mut config, &options.changes)?;
         let paused = options.pause && container.status() == Status::Running;
         if paused {
             self.pause(&container.id).await?;
@@ -59,6 +59,7 @@ impl Engine {
             created_by: command_line(&record.spec, &image_config).join(" "),
             comment: options.comment,
             author: options.author,
+            docker_config,
         };
         let result = self
             .snapshot(&container, derivation, options.reference)

@@ -71,6 +71,8 @@ struct StageState {
     /// ARGs declared in this stage, with their values.
     args: BTreeMap<String, String>,
     escape: char,
+    /// Docker-only configuration fields the next configuration step sets.
+    docker_config: serde_json::Map<String, serde_json::Value>,
 }
 
 impl StageState {
@@ -156,11 +158,16 @@ impl Engine {
         if !options.labels.is_empty() {
             let labels = options.labels.clone();
             id = self
-                .derive_config(Some(&id), "LABEL (from --label)".into(), move |config| {
-                    let mut all = config.labels().clone().unwrap_or_default();
-                    all.extend(labels);
-                    config.set_labels(Some(all));
-                })
+                .derive_config(
+                    Some(&id),
+                    "LABEL (from --label)".into(),
+                    Default::default(),
+                    move |config| {
+                        let mut all = config.labels().clone().unwrap_or_default();
+                        all.extend(labels);
+                        config.set_labels(Some(all));
+                    },
+                )
                 .await?;
         }
         for tag in &options.tags {
@@ -252,6 +259,7 @@ impl Engine {
             shell: vec!["/bin/sh".into(), "-c".into()],
             args: BTreeMap::new(),
             escape: parsed.escape,
+            docker_config: serde_json::Map::new(),
         };
         for instruction in &stage.steps {
             *step += 1;
@@ -437,11 +445,15 @@ impl Engine {
                     return Err(step_error("SHELL requires at least one argument"));
                 }
                 state.shell = shell.clone();
+                state
+                    .docker_config
+                    .insert("Shell".into(), serde_json::json!(shell));
                 let text = format!("SHELL {shell:?}");
                 self.config_step(state, nop(text), cache, out, |_| Ok(()))
                     .await?;
             }
             other => {
+                state.docker_config = docker_config_of(other);
                 let change = config_change(state, other)?;
                 let text = change.0.clone();
                 let apply = change.1;
@@ -463,10 +475,15 @@ impl Engine {
     ) -> Result<(), EngineError> {
         apply(&mut state.config)?;
         let config = state.config.clone();
+        let docker_config = std::mem::take(&mut state.docker_config);
         let key = cache_key(
             state.image.as_deref(),
             &created_by,
-            &serde_json::to_string(&config).unwrap_or_default(),
+            &format!(
+                "{}{}",
+                serde_json::to_string(&config).unwrap_or_default(),
+                serde_json::Value::Object(docker_config.clone())
+            ),
         );
         if let Some(hit) = cache.lookup(self, &key).await {
             let _ = out.send(" ---> Using cache\n".to_owned()).await;
@@ -474,7 +491,12 @@ impl Engine {
             return Ok(());
         }
         let id = self
-            .derive_config(state.image.as_deref(), created_by, move |c| *c = config)
+            .derive_config(
+                state.image.as_deref(),
+                created_by,
+                docker_config,
+                move |c| *c = config,
+            )
             .await?;
         cache.insert(key, &id);
         state.image = Some(id);
@@ -486,6 +508,7 @@ impl Engine {
         self: &Arc<Self>,
         parent: Option<&str>,
         created_by: String,
+        docker_config: serde_json::Map<String, serde_json::Value>,
         change: impl FnOnce(&mut ImageConfig) + Send + 'static,
     ) -> Result<String, EngineError> {
         let store = Arc::clone(&self.images);
@@ -504,6 +527,7 @@ impl Engine {
             let derivation = Derivation {
                 config: Some(config),
                 created_by,
+                docker_config,
                 ..Default::default()
             };
             store.derive(parent.as_deref(), None, derivation, None)
@@ -688,7 +712,11 @@ impl Engine {
 
 /// Applies `docker commit --change` lines (CMD, ENTRYPOINT, ENV, EXPOSE, LABEL, USER,
 /// VOLUME, WORKDIR, STOPSIGNAL, HEALTHCHECK) to `config`, as the builder would.
-pub fn apply_changes(config: &mut ImageConfig, changes: &[String]) -> Result<(), EngineError> {
+pub fn apply_changes(
+    config: &mut ImageConfig,
+    changes: &[String],
+) -> Result<serde_json::Map<String, serde_json::Value>, EngineError> {
+    let mut docker_config = serde_json::Map::new();
     for change in changes {
         let parsed = dockerfile::parse(&format!("FROM scratch\n{change}\n"))
             .map_err(|e| step_error(e.message))?;
@@ -698,6 +726,7 @@ pub fn apply_changes(config: &mut ImageConfig, changes: &[String]) -> Result<(),
             shell: vec!["/bin/sh".into(), "-c".into()],
             args: BTreeMap::new(),
             escape: parsed.escape,
+            docker_config: serde_json::Map::new(),
         };
         for step in parsed.stages.iter().flat_map(|s| &s.steps) {
             match &step.instruction {
@@ -715,13 +744,14 @@ pub fn apply_changes(config: &mut ImageConfig, changes: &[String]) -> Result<(),
                     )))
                 }
                 instruction => {
+                    docker_config.extend(docker_config_of(instruction));
                     let (_, apply) = config_change(&state, instruction)?;
                     apply(config)?;
                 }
             }
         }
     }
-    Ok(())
+    Ok(docker_config)
 }
 
 fn globals_get(globals: &BTreeMap<String, String>, name: &str) -> Option<String> {
@@ -915,27 +945,16 @@ fn config_change(
             (format!("MAINTAINER {name}"), Box::new(|_| Ok(())))
         }
         Instruction::Healthcheck(check) => {
-            // The OCI image config has no healthcheck field; the check is recorded as a
-            // label until the store keeps Docker's extra config fields.
-            let (text, value) = match check {
-                Healthcheck::None => ("HEALTHCHECK NONE".to_owned(), "NONE".to_owned()),
-                Healthcheck::Cmd { command, .. } => {
-                    let test = match command {
-                        ShellOrExec::Exec(argv) => format!("CMD {argv:?}"),
-                        ShellOrExec::Shell(line) => format!("CMD-SHELL {line}"),
-                    };
-                    (format!("HEALTHCHECK {test}"), test)
-                }
+            // Recorded in Docker's `Healthcheck` field (`docker_config_of`), which the OCI
+            // config does not have.
+            let text = match check {
+                Healthcheck::None => "HEALTHCHECK NONE".to_owned(),
+                Healthcheck::Cmd { command, .. } => match command {
+                    ShellOrExec::Exec(argv) => format!("HEALTHCHECK CMD {argv:?}"),
+                    ShellOrExec::Shell(line) => format!("HEALTHCHECK CMD {line}"),
+                },
             };
-            (
-                text,
-                Box::new(move |c: &mut ImageConfig| {
-                    let mut labels = c.labels().clone().unwrap_or_default();
-                    labels.insert("org.berth.healthcheck".into(), value);
-                    c.set_labels(Some(labels));
-                    Ok(())
-                }),
-            )
+            (text, Box::new(|_| Ok(())))
         }
         Instruction::Onbuild { expression, .. } => {
             return Err(step_error(format!(
@@ -952,6 +971,45 @@ fn config_change(
         }
     };
     Ok(change)
+}
+
+/// The Docker-only configuration fields an instruction sets: `Healthcheck` as dockerd stores
+/// it (durations in nanoseconds, `NONE` as `["NONE"]`).
+fn docker_config_of(instruction: &Instruction) -> serde_json::Map<String, serde_json::Value> {
+    let mut fields = serde_json::Map::new();
+    if let Instruction::Healthcheck(check) = instruction {
+        let value = match check {
+            Healthcheck::None => serde_json::json!({ "Test": ["NONE"] }),
+            Healthcheck::Cmd { command, options } => {
+                let test = match command {
+                    ShellOrExec::Exec(argv) => std::iter::once("CMD".to_owned())
+                        .chain(argv.clone())
+                        .collect(),
+                    ShellOrExec::Shell(line) => vec!["CMD-SHELL".to_owned(), line.clone()],
+                };
+                let nanos = |d: Option<std::time::Duration>| {
+                    d.map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+                };
+                let mut value = serde_json::json!({ "Test": test });
+                for (key, duration) in [
+                    ("Interval", options.interval),
+                    ("Timeout", options.timeout),
+                    ("StartPeriod", options.start_period),
+                    ("StartInterval", options.start_interval),
+                ] {
+                    if duration.is_some() {
+                        value[key] = serde_json::json!(nanos(duration));
+                    }
+                }
+                if let Some(retries) = options.retries {
+                    value["Retries"] = serde_json::json!(retries);
+                }
+                value
+            }
+        };
+        fields.insert("Healthcheck".into(), value);
+    }
+    fields
 }
 
 /// `dest` made absolute against the working directory, cleaned; a trailing `/` kept.

@@ -29,7 +29,13 @@ pub struct Derivation {
     pub comment: Option<String>,
     /// The image's author.
     pub author: Option<String>,
+    /// Docker's run-configuration fields the OCI config has no place for (`Healthcheck`,
+    /// `Shell`, `OnBuild`), set over the parent's; every other such field is inherited.
+    pub docker_config: serde_json::Map<String, serde_json::Value>,
 }
+
+/// The Docker-only keys of an image's run configuration a derived image inherits.
+const DOCKER_CONFIG_KEYS: &[&str] = &["Healthcheck", "Shell", "OnBuild", "ArgsEscaped"];
 
 impl ImageStore {
     /// Stores a new image on top of `parent` (an image reference; `None` for scratch), with
@@ -52,6 +58,11 @@ impl ImageStore {
             }
             None => (Vec::new(), scratch_config()),
         };
+        let mut docker_config = match parent {
+            Some(reference) => inherited_docker_config(&self.raw_config(reference)?),
+            None => serde_json::Map::new(),
+        };
+        docker_config.extend(derivation.docker_config);
         let mut blobs = Vec::new();
         let created = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
         let mut history = History::default();
@@ -92,8 +103,26 @@ impl ImageStore {
         image_config.set_created(Some(created));
         image_config.set_author(derivation.author);
         image_config.set_config(derivation.config);
+        let mut config_value =
+            serde_json::to_value(&image_config).map_err(ImageError::json("image config"))?;
+        if !docker_config.is_empty() {
+            if let Some(object) = config_value.as_object_mut() {
+                let run = object
+                    .entry("config")
+                    .or_insert_with(|| serde_json::Value::Object(serde_json::Map::new()));
+                if let Some(run) = run.as_object_mut() {
+                    for (key, value) in docker_config {
+                        if value.is_null() {
+                            run.remove(&key);
+                        } else {
+                            run.insert(key, value);
+                        }
+                    }
+                }
+            }
+        }
         let config_bytes =
-            serde_json::to_vec(&image_config).map_err(ImageError::json("image config"))?;
+            serde_json::to_vec(&config_value).map_err(ImageError::json("image config"))?;
         let config_blob = self.blobs.stage_bytes(&config_bytes)?;
         let manifest_bytes = synthesize_manifest(&config_blob.digest, config_blob.size, &layers)?;
         let manifest_blob = self.blobs.stage_bytes(&manifest_bytes)?;
@@ -122,6 +151,21 @@ impl ImageStore {
             .pop()
             .ok_or_else(|| ImageError::InvalidArgument("the new image was not stored".into()))
     }
+}
+
+/// The Docker-only run-configuration fields of a raw image config.
+fn inherited_docker_config(raw: &[u8]) -> serde_json::Map<String, serde_json::Value> {
+    let value: serde_json::Value = serde_json::from_slice(raw).unwrap_or_default();
+    value
+        .get("config")
+        .and_then(serde_json::Value::as_object)
+        .map(|run| {
+            run.iter()
+                .filter(|(key, _)| DOCKER_CONFIG_KEYS.contains(&key.as_str()))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// The config of an image with no parent: this machine's platform, no layers yet.
@@ -172,6 +216,12 @@ mod tests {
                     created_by: "COPY run /app/run".into(),
                     comment: Some("built".into()),
                     author: None,
+                    docker_config: [(
+                        "Healthcheck".to_owned(),
+                        serde_json::json!({ "Test": ["CMD", "true"] }),
+                    )]
+                    .into_iter()
+                    .collect(),
                 },
                 Some("child:v1"),
             )
