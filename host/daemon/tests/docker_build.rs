@@ -21,7 +21,7 @@ RUN mkdir -p $OUT \
 FROM busybox
 LABEL org.example.stage=final
 COPY --from=builder /out/result /result
-COPY --chown=1000:1000 app /app/
+COPY --chown=nobody app /app/
 ENTRYPOINT ["sh", "-c"]
 CMD ["cat /result; sh /app/run.sh"]
 HEALTHCHECK --interval=5s --retries=2 CMD test -f /result
@@ -70,6 +70,16 @@ fn docker_build_multi_stage_runs_caches_and_saves_standard_layers() {
     let run_edited = daemon.docker_ok(&["run", "--rm", "built:2"]);
     let secret = daemon.docker(&["run", "--rm", "--entrypoint", "ls", "built:1", "/work"]);
     let history = daemon.docker_ok(&["history", "--format", "{{.CreatedBy}}", "built:2"]);
+    let owner = daemon.docker_ok(&[
+        "run",
+        "--rm",
+        "--entrypoint",
+        "stat",
+        "built:2",
+        "-c",
+        "%u:%g",
+        "/app/run.sh",
+    ]);
     let labels = daemon.docker_ok(&[
         "image",
         "inspect",
@@ -105,6 +115,8 @@ fn docker_build_multi_stage_runs_caches_and_saves_standard_layers() {
     );
     assert!(history.contains("COPY app /app/ in /app/"), "{history}");
     assert_eq!(labels, "final\n");
+    // `--chown=nobody`: the name looked up in the image's /etc/passwd.
+    assert_eq!(owner, "65534:65534\n");
     assert_eq!(
         serde_json::from_str::<serde_json::Value>(&health).expect("healthcheck JSON"),
         serde_json::json!({

@@ -612,7 +612,21 @@ impl Engine {
         let workdir = state.config.working_dir().clone().unwrap_or_default();
         let dest = absolute_dest(&workdir, dest);
         let owner = match chown {
-            Some(spec) => parse_owner(&state.expand(spec)?)?,
+            Some(spec) => {
+                let spec = state.expand(spec)?;
+                let store = Arc::clone(&self.images);
+                let image = state.image.clone();
+                tokio::task::spawn_blocking(move || {
+                    let files = image
+                        .as_deref()
+                        .map(|id| image_files(&store, id, &["etc/passwd", "etc/group"]))
+                        .transpose()?
+                        .unwrap_or_default();
+                    parse_owner(&spec, &files)
+                })
+                .await
+                .map_err(|e| step_error(e.to_string()))??
+            }
             None => (0, 0),
         };
         let mode = chmod
@@ -1036,25 +1050,93 @@ fn absolute_dest(workdir: &str, dest: &str) -> String {
     out
 }
 
-/// `--chown`'s numeric `uid[:gid]` (`root` is 0).
-fn parse_owner(spec: &str) -> Result<(u64, u64), EngineError> {
-    let id = |part: &str| -> Result<u64, EngineError> {
-        match part {
-            "root" => Ok(0),
-            part => part.parse().map_err(|_| {
-                step_error(format!(
-                    "--chown={spec}: this builder takes numeric ids (or root), not names"
-                ))
-            }),
+/// `--chown`'s `user[:group]`: numeric ids, or names looked up in the image's `/etc/passwd`
+/// and `/etc/group` (`files`, by path); a user alone also gives its primary group.
+fn parse_owner(spec: &str, files: &BTreeMap<String, String>) -> Result<(u64, u64), EngineError> {
+    let table = |path: &str, name: &str, field: usize| -> Option<u64> {
+        files.get(path)?.lines().find_map(|line| {
+            let fields: Vec<&str> = line.split(':').collect();
+            (fields.first() == Some(&name))
+                .then(|| fields.get(field)?.parse().ok())
+                .flatten()
+        })
+    };
+    let unknown = |what: &str, name: &str| {
+        step_error(format!(
+            "--chown={spec}: unable to find {what} {name}: no matching entries in the image's /etc/{}",
+            if what == "user" { "passwd" } else { "group" }
+        ))
+    };
+    let (user, group) = match spec.split_once(':') {
+        Some((user, group)) => (user, Some(group)),
+        None => (spec, None),
+    };
+    let (uid, primary) = match user.parse::<u64>() {
+        Ok(uid) => (uid, uid),
+        Err(_) => {
+            let uid = table("etc/passwd", user, 2).ok_or_else(|| unknown("user", user))?;
+            let gid = table("etc/passwd", user, 3).unwrap_or(uid);
+            (uid, gid)
         }
     };
-    match spec.split_once(':') {
-        Some((user, group)) => Ok((id(user)?, id(group)?)),
-        None => {
-            let uid = id(spec)?;
-            Ok((uid, uid))
+    let gid = match group {
+        None => primary,
+        Some(group) => match group.parse::<u64>() {
+            Ok(gid) => gid,
+            Err(_) => table("etc/group", group, 2).ok_or_else(|| unknown("group", group))?,
+        },
+    };
+    Ok((uid, gid))
+}
+
+/// The contents of `paths` (relative to the root) in an image, read from its layers, top-most
+/// first; a path a layer deletes (whiteout) is absent.
+fn image_files(
+    store: &crate::images::ImageStore,
+    image: &str,
+    paths: &[&str],
+) -> Result<BTreeMap<String, String>, EngineError> {
+    let image = store.resolve(image)?;
+    let mut found = BTreeMap::new();
+    let mut settled: Vec<String> = Vec::new();
+    let read_error = |e: io::Error| step_error(format!("cannot read the image's files: {e}"));
+    for layer in image.layers.iter().rev() {
+        let blob = store.blob_path(&layer.blob_digest)?;
+        let mut archive = tar::Archive::new(open_decompressed(&blob).map_err(read_error)?);
+        for entry in archive.entries().map_err(read_error)? {
+            let mut entry = entry.map_err(read_error)?;
+            let path = entry.path().map_err(read_error)?;
+            let clean: PathBuf = path
+                .components()
+                .filter(|c| matches!(c, Component::Normal(_)))
+                .collect();
+            let clean = clean.display().to_string();
+            let whiteout = clean
+                .rsplit_once('/')
+                .map(|(dir, name)| (dir.to_owned(), name))
+                .and_then(|(dir, name)| Some(format!("{dir}/{}", name.strip_prefix(".wh.")?)));
+            if let Some(hidden) = whiteout.filter(|h| paths.contains(&h.as_str())) {
+                if !settled.contains(&hidden) {
+                    settled.push(hidden);
+                }
+                continue;
+            }
+            if paths.contains(&clean.as_str()) && !settled.contains(&clean) {
+                let mut text = String::new();
+                entry
+                    .by_ref()
+                    .take(1 << 20)
+                    .read_to_string(&mut text)
+                    .map_err(read_error)?;
+                settled.push(clean.clone());
+                found.insert(clean, text);
+            }
+        }
+        if settled.len() == paths.len() {
+            break;
         }
     }
+    Ok(found)
 }
 
 /// `name` in the context `root`, refusing anything that leaves it.
@@ -1540,6 +1622,31 @@ mod tests {
             refused.to_string().contains("not a valid change command"),
             "{refused}"
         );
+    }
+
+    #[test]
+    fn parse_owner_takes_ids_and_names_from_the_images_files() {
+        let files: BTreeMap<String, String> = [
+            (
+                "etc/passwd".to_owned(),
+                "root:x:0:0::/root:/bin/sh\napp:x:1000:1001::/:/bin/sh\n".to_owned(),
+            ),
+            (
+                "etc/group".to_owned(),
+                "root:x:0:\nstaff:x:50:\n".to_owned(),
+            ),
+        ]
+        .into_iter()
+        .collect();
+
+        assert_eq!(parse_owner("12:34", &files).unwrap(), (12, 34));
+        assert_eq!(parse_owner("7", &files).unwrap(), (7, 7));
+        assert_eq!(parse_owner("app", &files).unwrap(), (1000, 1001));
+        assert_eq!(parse_owner("app:staff", &files).unwrap(), (1000, 50));
+        assert!(parse_owner("ghost", &files)
+            .unwrap_err()
+            .to_string()
+            .contains("unable to find user ghost"));
     }
 
     #[test]
