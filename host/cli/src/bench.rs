@@ -67,21 +67,8 @@ pub enum BenchCommand {
         /// Warm runs of each kind.
         #[arg(long, default_value_t = 30)]
         runs: usize,
-        /// The busybox image as a docker-archive (`tests/images/make-busybox.sh` writes one).
-        #[arg(long)]
-        archive: PathBuf,
-        /// The berthd binary; by default the one beside this `berth`.
-        #[arg(long)]
-        berthd: Option<PathBuf>,
-        /// The docker CLI.
-        #[arg(long, default_value = "/usr/local/bin/docker")]
-        docker: PathBuf,
-        /// The static busybox the native anchor runs.
-        #[arg(long, default_value = "/bin/busybox")]
-        busybox: PathBuf,
-        /// Replace the `run` section of this markdown file with the results.
-        #[arg(long)]
-        record: Option<PathBuf>,
+        #[command(flatten)]
+        daemon: DaemonArgs,
     },
     /// `docker build` of a 20-step Dockerfile through a fresh berthd, cold (`--no-cache`) and
     /// cached, against the same steps run as a shell script natively on the host.
@@ -89,21 +76,8 @@ pub enum BenchCommand {
         /// Builds of each kind; the medians are reported.
         #[arg(long, default_value_t = 3)]
         runs: usize,
-        /// The busybox image as a docker-archive (`tests/images/make-busybox.sh` writes one).
-        #[arg(long)]
-        archive: PathBuf,
-        /// The berthd binary; by default the one beside this `berth`.
-        #[arg(long)]
-        berthd: Option<PathBuf>,
-        /// The docker CLI.
-        #[arg(long, default_value = "/usr/local/bin/docker")]
-        docker: PathBuf,
-        /// The static busybox the native anchor runs.
-        #[arg(long, default_value = "/bin/busybox")]
-        busybox: PathBuf,
-        /// Replace the `build` section of this markdown file with the results.
-        #[arg(long)]
-        record: Option<PathBuf>,
+        #[command(flatten)]
+        daemon: DaemonArgs,
     },
     /// Sequential write/read and small-file create/stat/remove on a bind mount in a container,
     /// against the same commands natively on the host directory, through a fresh berthd.
@@ -114,21 +88,8 @@ pub enum BenchCommand {
         /// Small files created, stat-ed and removed.
         #[arg(long, default_value_t = 10_000)]
         files: u64,
-        /// The busybox image as a docker-archive (`tests/images/make-busybox.sh` writes one).
-        #[arg(long)]
-        archive: PathBuf,
-        /// The berthd binary; by default the one beside this `berth`.
-        #[arg(long)]
-        berthd: Option<PathBuf>,
-        /// The docker CLI.
-        #[arg(long, default_value = "/usr/local/bin/docker")]
-        docker: PathBuf,
-        /// The static busybox the native side runs.
-        #[arg(long, default_value = "/bin/busybox")]
-        busybox: PathBuf,
-        /// Replace the `fs` section of this markdown file with the results.
-        #[arg(long)]
-        record: Option<PathBuf>,
+        #[command(flatten)]
+        daemon: DaemonArgs,
     },
     /// Connection rate and throughput through a published port (host client to busybox
     /// httpd in a container), against the same client and server on the host's loopback.
@@ -142,22 +103,29 @@ pub enum BenchCommand {
         /// Size of the large file in MiB.
         #[arg(long, default_value_t = 32)]
         size_mib: usize,
-        /// The busybox image as a docker-archive (`tests/images/make-busybox.sh` writes one).
-        #[arg(long)]
-        archive: PathBuf,
-        /// The berthd binary; by default the one beside this `berth`.
-        #[arg(long)]
-        berthd: Option<PathBuf>,
-        /// The docker CLI.
-        #[arg(long, default_value = "/usr/local/bin/docker")]
-        docker: PathBuf,
-        /// The static busybox whose httpd is the host anchor.
-        #[arg(long, default_value = "/bin/busybox")]
-        busybox: PathBuf,
-        /// Replace the `ports` section of this markdown file with the results.
-        #[arg(long)]
-        record: Option<PathBuf>,
+        #[command(flatten)]
+        daemon: DaemonArgs,
     },
+}
+
+/// What every benchmark through a fresh berthd and the docker CLI takes.
+#[derive(Debug, clap::Args)]
+pub struct DaemonArgs {
+    /// The busybox image as a docker-archive (`tests/images/make-busybox.sh` writes one).
+    #[arg(long)]
+    archive: PathBuf,
+    /// The berthd binary; by default the one beside this `berth`.
+    #[arg(long)]
+    berthd: Option<PathBuf>,
+    /// The docker CLI.
+    #[arg(long, default_value = "/usr/local/bin/docker")]
+    docker: PathBuf,
+    /// The static busybox the native anchor runs (for `ports`, its httpd is the anchor).
+    #[arg(long, default_value = "/bin/busybox")]
+    busybox: PathBuf,
+    /// Replace this benchmark's section of this markdown file with the results.
+    #[arg(long)]
+    record: Option<PathBuf>,
 }
 
 pub fn run(command: BenchCommand) -> anyhow::Result<()> {
@@ -175,58 +143,36 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
             crun,
             record,
         } => crate::bench_container::run(runs, &layer, &size, &crun, record.as_deref()),
-        BenchCommand::Run {
-            runs,
-            archive,
-            berthd,
-            docker,
-            busybox,
-            record,
-        } => {
-            let tools = RunTools::new(berthd, docker, busybox)?;
-            bench_run(runs, &archive, &tools, record.as_deref())
+        BenchCommand::Run { runs, daemon } => {
+            let tools = RunTools::new(&daemon)?;
+            bench_run(runs, &daemon.archive, &tools, daemon.record.as_deref())
         }
-        BenchCommand::Build {
-            runs,
-            archive,
-            berthd,
-            docker,
-            busybox,
-            record,
-        } => {
-            let tools = RunTools::new(berthd, docker, busybox)?;
-            crate::bench_build::run(runs, &archive, &tools, record.as_deref())
+        BenchCommand::Build { runs, daemon } => {
+            let tools = RunTools::new(&daemon)?;
+            crate::bench_build::run(runs, &daemon.archive, &tools, daemon.record.as_deref())
         }
         BenchCommand::Fs {
             size_mib,
             files,
-            archive,
-            berthd,
-            docker,
-            busybox,
-            record,
+            daemon,
         } => {
-            let tools = RunTools::new(berthd, docker, busybox)?;
+            let tools = RunTools::new(&daemon)?;
             let config = crate::bench_fs::FsBenchConfig { size_mib, files };
-            crate::bench_fs::run(&config, &archive, &tools, record.as_deref())
+            crate::bench_fs::run(&config, &daemon.archive, &tools, daemon.record.as_deref())
         }
         BenchCommand::Ports {
             requests,
             downloads,
             size_mib,
-            archive,
-            berthd,
-            docker,
-            busybox,
-            record,
+            daemon,
         } => {
-            let tools = RunTools::new(berthd, docker, busybox)?;
+            let tools = RunTools::new(&daemon)?;
             let plan = crate::bench_ports::PortsPlan {
                 requests,
                 downloads,
                 size_mib,
             };
-            crate::bench_ports::run(&plan, &archive, &tools, record.as_deref())
+            crate::bench_ports::run(&plan, &daemon.archive, &tools, daemon.record.as_deref())
         }
     }
 }
@@ -241,17 +187,17 @@ pub(crate) struct RunTools {
 
 impl RunTools {
     /// The tools, with berthd defaulting to the one beside this `berth`.
-    fn new(berthd: Option<PathBuf>, docker: PathBuf, busybox: PathBuf) -> anyhow::Result<Self> {
-        let berthd = match berthd {
-            Some(path) => path,
+    fn new(args: &DaemonArgs) -> anyhow::Result<Self> {
+        let berthd = match &args.berthd {
+            Some(path) => path.clone(),
             None => std::env::current_exe()
                 .context("locating berth")?
                 .with_file_name("berthd"),
         };
         Ok(Self {
             berthd,
-            docker,
-            busybox,
+            docker: args.docker.clone(),
+            busybox: args.busybox.clone(),
         })
     }
 }

@@ -28,7 +28,7 @@ use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc;
 
 use super::dockerfile::{self, Dockerfile, Healthcheck, Instruction, ShellOrExec, Stage};
-use crate::containers::spec::ContainerSpec;
+use crate::containers::spec::{set_env, union, ContainerSpec};
 use crate::images::{Derivation, Image};
 use crate::runtime::{blocking_image, Engine, EngineError, WaitCondition};
 
@@ -823,12 +823,7 @@ fn config_change(
                 Box::new(move |c: &mut ImageConfig| {
                     let mut env = c.env().clone().unwrap_or_default();
                     for (key, value) in pairs {
-                        let entry = format!("{key}={value}");
-                        let prefix = format!("{key}=");
-                        match env.iter_mut().find(|e| e.starts_with(&prefix)) {
-                            Some(existing) => *existing = entry,
-                            None => env.push(entry),
-                        }
+                        set_env(&mut env, &format!("{key}={value}"));
                     }
                     c.set_env(Some(env));
                     Ok(())
@@ -914,13 +909,7 @@ fn config_change(
             (
                 format!("EXPOSE {}", ports.join(" ")),
                 Box::new(move |c: &mut ImageConfig| {
-                    let mut all = c.exposed_ports().clone().unwrap_or_default();
-                    for port in ports {
-                        if !all.contains(&port) {
-                            all.push(port);
-                        }
-                    }
-                    c.set_exposed_ports(Some(all));
+                    c.set_exposed_ports(Some(union(c.exposed_ports().clone(), ports)));
                     Ok(())
                 }),
             )
@@ -933,13 +922,7 @@ fn config_change(
             (
                 format!("VOLUME {volumes:?}"),
                 Box::new(move |c: &mut ImageConfig| {
-                    let mut all = c.volumes().clone().unwrap_or_default();
-                    for volume in volumes {
-                        if !all.contains(&volume) {
-                            all.push(volume);
-                        }
-                    }
-                    c.set_volumes(Some(all));
+                    c.set_volumes(Some(union(c.volumes().clone(), volumes)));
                     Ok(())
                 }),
             )

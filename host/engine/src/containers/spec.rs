@@ -255,17 +255,32 @@ pub fn command_line(spec: &ContainerSpec, image: &ImageConfig) -> Vec<String> {
     entrypoint.into_iter().chain(cmd).collect()
 }
 
+/// Sets `entry` (`KEY=value`) in `env`: replaces the entry with the same key in place, or
+/// appends it.
+pub fn set_env(env: &mut Vec<String>, entry: &str) {
+    let key = entry.split('=').next().unwrap_or(entry);
+    match env.iter_mut().find(|e| e.split('=').next() == Some(key)) {
+        Some(existing) => entry.clone_into(existing),
+        None => env.push(entry.to_owned()),
+    }
+}
+
+/// `existing` with each of `more` not in it yet appended, in order.
+pub fn union(existing: Option<Vec<String>>, more: impl IntoIterator<Item = String>) -> Vec<String> {
+    let mut all = existing.unwrap_or_default();
+    for item in more {
+        if !all.contains(&item) {
+            all.push(item);
+        }
+    }
+    all
+}
+
 /// The environment: the image's, overridden by the container's, plus `HOSTNAME` (and `TERM`
 /// on a terminal) as dockerd adds them.
 pub fn environment(spec: &ContainerSpec, image: &ImageConfig, hostname: &str) -> Vec<String> {
     let mut merged: Vec<String> = Vec::new();
-    let mut set = |entry: &str| {
-        let key = entry.split('=').next().unwrap_or(entry);
-        match merged.iter_mut().find(|e| e.split('=').next() == Some(key)) {
-            Some(existing) => *existing = entry.to_owned(),
-            None => merged.push(entry.to_owned()),
-        }
-    };
+    let mut set = |entry: &str| set_env(&mut merged, entry);
     set(&format!("HOSTNAME={hostname}"));
     for entry in image.env().iter().flatten() {
         set(entry);
@@ -299,11 +314,7 @@ pub fn committed_config(spec: &ContainerSpec, image: &ImageConfig) -> ImageConfi
     }
     let mut env: Vec<String> = image.env().clone().unwrap_or_default();
     for entry in &spec.env {
-        let key = entry.split('=').next().unwrap_or(entry);
-        match env.iter_mut().find(|e| e.split('=').next() == Some(key)) {
-            Some(existing) => existing.clone_from(entry),
-            None => env.push(entry.clone()),
-        }
+        set_env(&mut env, entry);
     }
     config.set_env(Some(env).filter(|e| !e.is_empty()));
     if !spec.working_dir.is_empty() {
@@ -318,21 +329,11 @@ pub fn committed_config(spec: &ContainerSpec, image: &ImageConfig) -> ImageConfi
         config.set_labels(Some(labels));
     }
     if !spec.exposed_ports.is_empty() {
-        let mut ports = image.exposed_ports().clone().unwrap_or_default();
-        for port in &spec.exposed_ports {
-            if !ports.contains(port) {
-                ports.push(port.clone());
-            }
-        }
+        let ports = union(image.exposed_ports().clone(), spec.exposed_ports.clone());
         config.set_exposed_ports(Some(ports));
     }
     if !spec.volumes.is_empty() {
-        let mut volumes = image.volumes().clone().unwrap_or_default();
-        for volume in &spec.volumes {
-            if !volumes.contains(volume) {
-                volumes.push(volume.clone());
-            }
-        }
+        let volumes = union(image.volumes().clone(), spec.volumes.clone());
         config.set_volumes(Some(volumes));
     }
     if !spec.stop_signal.is_empty() {

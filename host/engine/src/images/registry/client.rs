@@ -108,6 +108,12 @@ impl<'a> Client<'a> {
         }
     }
 
+    /// The error a registry's failed answer (outside the token exchange and manifest pulls,
+    /// which say more) stands for.
+    fn failure(&self, response: &mut http::Response<ureq::Body>) -> RegistryError {
+        Failure::read(response).into_error(&self.endpoint, self.sends_credentials())
+    }
+
     fn sends_credentials(&self) -> bool {
         self.credentials
             .is_some_and(|c| c.has_password() || !c.identity_token.is_empty())
@@ -463,10 +469,7 @@ impl<'a> Client<'a> {
             with_auth(agent.get(&url), auth).call()
         })?;
         if !response.status().is_success() {
-            let failure = Failure::read(&mut response);
-            return Err(failure
-                .into_error(&self.endpoint, self.sends_credentials())
-                .into());
+            return Err(self.failure(&mut response).into());
         }
         // One byte past the descriptor's size is enough to prove a registry sends too much.
         let body = response
@@ -586,10 +589,7 @@ impl<'a> Client<'a> {
                 .send_empty()
         })?;
         if !response.status().is_success() {
-            let failure = Failure::read(&mut response);
-            return Err(failure
-                .into_error(&self.endpoint, self.sends_credentials())
-                .into());
+            return Err(self.failure(&mut response).into());
         }
         let location =
             header_str(&response, "location").ok_or_else(|| RegistryError::Protocol {
@@ -620,10 +620,7 @@ impl<'a> Client<'a> {
             }
         })?;
         if !response.status().is_success() {
-            let failure = Failure::read(&mut response);
-            return Err(failure
-                .into_error(&self.endpoint, self.sends_credentials())
-                .into());
+            return Err(self.failure(&mut response).into());
         }
         Ok(())
     }
@@ -653,10 +650,7 @@ impl<'a> Client<'a> {
                 .send(bytes)
         })?;
         if !response.status().is_success() {
-            let failure = Failure::read(&mut response);
-            return Err(failure
-                .into_error(&self.endpoint, self.sends_credentials())
-                .into());
+            return Err(self.failure(&mut response).into());
         }
         let digest = Digest::of(bytes);
         if let Some(answered) =
