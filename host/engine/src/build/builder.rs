@@ -582,7 +582,8 @@ impl Engine {
             self.snapshot(&container, derivation, None).await
         }
         .await;
-        if let Err(e) = self.remove(&container.id, true).await {
+        // With its anonymous volumes (an image's VOLUMEs), as dockerd's builder removes them.
+        if let Err(e) = self.remove_with_volumes(&container.id, true, true).await {
             tracing::warn!(error = %e, "cannot remove a build container");
         }
         let _ = out
