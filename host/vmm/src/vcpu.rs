@@ -133,10 +133,19 @@ fn set_delivery_mode(reg: u32, mode: u32) -> u32 {
     (reg & !0x700) | (mode << 8)
 }
 
+/// What every vCPU of a VM starts from.
+#[derive(Debug, Clone)]
+pub struct VcpuTemplate {
+    /// `KVM_GET_SUPPORTED_CPUID`.
+    pub supported_cpuid: CpuId,
+    /// Whether KVM emulates the TSC-deadline timer (`KVM_CAP_TSC_DEADLINE_TIMER`).
+    pub tsc_deadline: bool,
+}
+
 /// Creates vCPU `id` of `count`, ready to enter the kernel at `entry`.
 pub fn create(
     vm: &VmFd,
-    supported_cpuid: &CpuId,
+    template: &VcpuTemplate,
     id: u8,
     count: u8,
     entry: GuestAddress,
@@ -144,8 +153,8 @@ pub fn create(
     let vcpu = vm
         .create_vcpu(u64::from(id))
         .map_err(|e| VcpuError::Create(id, e))?;
-    let mut entries: Vec<kvm_cpuid_entry2> = supported_cpuid.as_slice().to_vec();
-    cpuid::filter(&mut entries, id, count);
+    let mut entries: Vec<kvm_cpuid_entry2> = template.supported_cpuid.as_slice().to_vec();
+    cpuid::filter(&mut entries, id, count, template.tsc_deadline);
     let cpuid = CpuId::from_entries(&entries).map_err(VcpuError::Cpuid)?;
     vcpu.set_cpuid2(&cpuid)
         .map_err(|e| VcpuError::Setup("CPUID", e))?;

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{Cap, Kvm, VmFd};
 use linux_loader::loader::Cmdline;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -138,16 +138,19 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmError> {
     mptable::write_mptable(&mem, config.vcpus)?;
     regs::write_gdt(&mem)?;
 
-    let supported = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(|e| VmError::Kvm("get the supported CPUID", e))?;
+    let template = vcpu::VcpuTemplate {
+        supported_cpuid: kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| VmError::Kvm("get the supported CPUID", e))?,
+        tsc_deadline: kvm.check_extension(Cap::TscDeadlineTimer),
+    };
     let vcpu_wake = EventFd::new(EFD_NONBLOCK).map_err(VmError::Control)?;
     let (sender, receiver) = mpsc::channel();
     let pio = Arc::new(devices.pio.clone());
     let mmio = Arc::new(devices.mmio.clone());
     let mut vcpus = Vec::new();
     for id in 0..config.vcpus {
-        vcpus.push(vcpu::create(&vm, &supported, id, config.vcpus, entry)?);
+        vcpus.push(vcpu::create(&vm, &template, id, config.vcpus, entry)?);
     }
     for (id, fd) in (0..).zip(vcpus) {
         let wake = vcpu_wake.try_clone().map_err(VmError::Control)?;

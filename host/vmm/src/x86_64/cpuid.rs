@@ -5,17 +5,26 @@ use kvm_bindings::kvm_cpuid_entry2;
 
 /// Leaf 1 ECX: running under a hypervisor.
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
+/// Leaf 1 ECX: the local APIC timer has TSC-deadline mode. KVM emulates it but leaves the bit
+/// out of `KVM_GET_SUPPORTED_CPUID` (it is reported as `KVM_CAP_TSC_DEADLINE_TIMER`).
+const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 /// Leaf 1 EDX: the processor may have more than one logical CPU.
 const LEAF1_EDX_HTT: u32 = 1 << 28;
 
 /// Rewrites `entries` (from `KVM_GET_SUPPORTED_CPUID`) for vCPU `cpu_id` of `cpu_count`.
-pub fn filter(entries: &mut [kvm_cpuid_entry2], cpu_id: u8, cpu_count: u8) {
+///
+/// `tsc_deadline` says whether KVM emulates the TSC-deadline timer; without it the guest has to
+/// calibrate the APIC timer against the PIT, which is slow and, nested, unreliable.
+pub fn filter(entries: &mut [kvm_cpuid_entry2], cpu_id: u8, cpu_count: u8, tsc_deadline: bool) {
     let id = u32::from(cpu_id);
     let count = u32::from(cpu_count);
     for entry in entries.iter_mut() {
         match entry.function {
             0x1 => {
                 entry.ecx |= LEAF1_ECX_HYPERVISOR;
+                if tsc_deadline {
+                    entry.ecx |= LEAF1_ECX_TSC_DEADLINE;
+                }
                 // EBX: initial APIC ID (31:24), logical processor count (23:16), CLFLUSH size
                 // and brand index kept.
                 entry.ebx = (id << 24) | (count << 16) | (entry.ebx & 0xffff);
@@ -62,7 +71,9 @@ mod tests {
     fn filter_leaf1_sets_hypervisor_and_apic_id() {
         let mut entries = [leaf(1)];
 
-        filter(&mut entries, 3, 4);
+        filter(&mut entries, 3, 4, true);
+
+        assert_ne!(entries[0].ecx & LEAF1_ECX_TSC_DEADLINE, 0);
 
         assert_ne!(entries[0].ecx & LEAF1_ECX_HYPERVISOR, 0);
         assert_eq!(entries[0].ebx >> 24, 3);
@@ -78,7 +89,7 @@ mod tests {
             ..leaf(1)
         }];
 
-        filter(&mut entries, 0, 1);
+        filter(&mut entries, 0, 1, false);
 
         assert_eq!(entries[0].edx & LEAF1_EDX_HTT, 0);
     }
@@ -87,7 +98,7 @@ mod tests {
     fn filter_topology_leaf_carries_x2apic_id() {
         let mut entries = [leaf(0xb)];
 
-        filter(&mut entries, 2, 4);
+        filter(&mut entries, 2, 4, false);
 
         assert_eq!(entries[0].edx, 2);
     }

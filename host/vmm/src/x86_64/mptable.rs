@@ -67,13 +67,19 @@ pub fn build(num_cpus: u8, base: u64) -> Result<Vec<u8>, MptableError> {
     entries.extend_from_slice(&[ENTRY_IOAPIC, ioapic_id, APIC_VERSION, 1]);
     entries.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
     for irq in 0..=IRQ_MAX as u8 {
-        // Pin 0 is ExtINT from the PIC; every other line is a conforming ISA interrupt.
-        let kind = if irq == 0 {
-            INT_TYPE_EXTINT
-        } else {
-            INT_TYPE_INT
-        };
-        entries.extend_from_slice(&[ENTRY_IO_INTERRUPT, kind, 0, 0, BUS_ISA, irq, ioapic_id, irq]);
+        // Every ISA line, the timer's included, is a conforming interrupt on the IOAPIC pin
+        // of the same number: that is how KVM routes them, and Linux's timer check looks for
+        // IRQ 0 as an INT entry (an ExtINT entry leaves it without a vector and it faults).
+        entries.extend_from_slice(&[
+            ENTRY_IO_INTERRUPT,
+            INT_TYPE_INT,
+            0,
+            0,
+            BUS_ISA,
+            irq,
+            ioapic_id,
+            irq,
+        ]);
     }
     // LINT0 is ExtINT and LINT1 NMI on every local APIC (0xff).
     entries.extend_from_slice(&[
