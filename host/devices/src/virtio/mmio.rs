@@ -287,8 +287,13 @@ impl MmioTransport {
     }
 
     fn activate(&mut self, value: u32) {
-        let invalid = self
-            .queues
+        // Queues past the device's count belong to features the driver declined: it leaves
+        // them unset, and they are neither checked nor handed over.
+        let count = lock(&self.device)
+            .active_queue_count()
+            .min(self.queues.len());
+        let queues = &self.queues[..count];
+        let invalid = queues
             .iter()
             .position(|q| !q.ready() || !q.is_valid(&self.mem));
         if let Some(index) = invalid {
@@ -297,12 +302,7 @@ impl MmioTransport {
             return;
         }
         let interrupt: Arc<dyn VirtioInterrupt> = self.interrupt.clone();
-        let queues = match self
-            .queues
-            .iter()
-            .map(|q| Queue::try_from(q.state()))
-            .collect()
-        {
+        let queues = match queues.iter().map(|q| Queue::try_from(q.state())).collect() {
             Ok(queues) => queues,
             Err(e) => {
                 tracing::warn!("virtio-mmio: cannot hand over queues: {e}");
@@ -409,6 +409,10 @@ mod tests {
         config: [u8; 8],
         events: Vec<EventFd>,
         resettable: bool,
+        /// One entry per queue.
+        sizes: Vec<u16>,
+        /// Queues the driver sets up, counted from the first.
+        in_use: usize,
     }
 
     impl VirtioDevice for Dummy {
@@ -422,7 +426,10 @@ mod tests {
             self.acked = features;
         }
         fn queue_max_sizes(&self) -> &[u16] {
-            &[QUEUE_MAX]
+            &self.sizes
+        }
+        fn active_queue_count(&self) -> usize {
+            self.in_use
         }
         fn queue_events(&self) -> &[EventFd] {
             &self.events
@@ -437,9 +444,9 @@ mod tests {
             _interrupt: Arc<dyn VirtioInterrupt>,
             queues: Vec<Queue>,
         ) -> Result<(), ActivateError> {
-            if queues.len() != 1 {
+            if queues.len() != self.in_use {
                 return Err(ActivateError::QueueCount {
-                    expected: 1,
+                    expected: self.in_use,
                     got: queues.len(),
                 });
             }
@@ -462,13 +469,22 @@ mod tests {
     }
 
     fn fixture() -> Fixture {
+        fixture_with_queues(1, 1)
+    }
+
+    /// A device with `queues` queues of which the driver sets up the first `in_use`.
+    fn fixture_with_queues(queues: usize, in_use: usize) -> Fixture {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
         let device = Arc::new(Mutex::new(Dummy {
             acked: 0,
             active: false,
             config: [1, 2, 3, 4, 5, 6, 7, 8],
-            events: vec![EventFd::new(EFD_NONBLOCK).unwrap()],
+            events: (0..queues)
+                .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
+                .collect(),
             resettable: true,
+            sizes: vec![QUEUE_MAX; queues],
+            in_use,
         }));
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
         let transport = MmioTransport::new(device.clone(), mem, irq.try_clone().unwrap()).unwrap();
@@ -555,6 +571,18 @@ mod tests {
             f.device.lock().unwrap().acked,
             (1 << VIRTIO_F_VERSION_1) | 1
         );
+    }
+
+    #[test]
+    fn driver_ok_without_queue_of_declined_feature_activates_device() {
+        let mut f = fixture_with_queues(2, 1);
+        negotiate(&mut f.transport, 1 << VIRTIO_F_VERSION_1);
+        set_up_queue(&mut f.transport);
+
+        write(&mut f.transport, reg::STATUS, ALL_OK);
+
+        assert_eq!(read(&mut f.transport, reg::STATUS), ALL_OK);
+        assert!(f.device.lock().unwrap().active);
     }
 
     #[test]

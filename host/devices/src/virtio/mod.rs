@@ -1,6 +1,8 @@
 //! Virtio: the device trait every virtio model implements, the interrupt it signals through, and
 //! the MMIO transport that presents a device to the guest.
 
+pub mod balloon;
+pub mod block;
 pub mod mmio;
 pub mod rng;
 
@@ -9,13 +11,17 @@ use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use virtio_queue::Queue;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::GuestMemoryMmap;
 
 /// `VIRTIO_F_VERSION_1`: the modern interface; the only one our transport offers.
 pub const VIRTIO_F_VERSION_1: u32 = 32;
+
+/// `VIRTIO_RING_F_EVENT_IDX`: the driver and device suppress notifications with the
+/// `used_event`/`avail_event` indices instead of flags.
+pub const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
 
 /// Why an interrupt is raised (the bits of the MMIO `InterruptStatus` register).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,6 +89,13 @@ pub trait VirtioDevice: Send + Debug {
     fn set_acked_features(&mut self, features: u64);
     /// The maximum size of each queue; its length is the number of queues.
     fn queue_max_sizes(&self) -> &[u16];
+    /// How many of the queues, counted from the first, the driver sets up under the features it
+    /// acked; the transport hands exactly these to [`Self::activate`]. Devices whose queue layout
+    /// depends on the features (virtio-balloon's reporting queue) override this; by default it
+    /// is every queue.
+    fn active_queue_count(&self) -> usize {
+        self.queue_max_sizes().len()
+    }
     /// One eventfd per queue, written when the driver notifies that queue (an ioeventfd).
     fn queue_events(&self) -> &[EventFd];
     /// Reads the device configuration space at `offset`.
@@ -100,6 +113,17 @@ pub trait VirtioDevice: Send + Debug {
     fn is_activated(&self) -> bool;
     /// Stops the device and drops its queues; `false` if the device cannot be reset.
     fn reset(&mut self) -> bool;
+}
+
+/// The next chain the driver made available in `queue`, or `None` if there is none.
+///
+/// Unlike `QueueT::pop_descriptor_chain`, an available index the driver corrupted is an error
+/// rather than an empty queue, so a device that loops until the queue is empty cannot spin.
+pub fn next_chain<'a>(
+    queue: &mut Queue,
+    mem: &'a GuestMemoryMmap,
+) -> Result<Option<DescriptorChain<&'a GuestMemoryMmap>>, virtio_queue::Error> {
+    Ok(queue.iter(mem)?.next())
 }
 
 /// Copies the bytes of `config` at `offset` into `data`, leaving bytes past the end as zero.
