@@ -28,6 +28,8 @@ pub fn memory() -> GuestMemoryMmap {
 pub struct CountingInterrupt {
     /// Number of queue interrupts so far.
     pub queue: AtomicU32,
+    /// Number of configuration-change interrupts so far.
+    pub config: AtomicU32,
 }
 
 impl CountingInterrupt {
@@ -35,13 +37,20 @@ impl CountingInterrupt {
     pub fn count(&self) -> u32 {
         self.queue.load(Ordering::SeqCst)
     }
+
+    /// Configuration-change interrupts raised so far.
+    pub fn config_count(&self) -> u32 {
+        self.config.load(Ordering::SeqCst)
+    }
 }
 
 impl VirtioInterrupt for CountingInterrupt {
     fn signal(&self, kind: InterruptKind) -> io::Result<()> {
-        if kind == InterruptKind::Queue {
-            self.queue.fetch_add(1, Ordering::SeqCst);
-        }
+        let counter = match kind {
+            InterruptKind::Queue => &self.queue,
+            InterruptKind::Config => &self.config,
+        };
+        counter.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
 }
