@@ -1,6 +1,7 @@
 //! The complete description of one VM, fixed at start.
 
 use std::path::PathBuf;
+use std::str::FromStr;
 
 /// Most vCPUs we give a guest (the MP table and IRQ layout are sized for this).
 pub const MAX_VCPUS: u8 = 32;
@@ -26,6 +27,47 @@ pub struct VmConfig {
     pub console_log: Option<PathBuf>,
     /// Whether to give the guest a virtio-rng device.
     pub rng: bool,
+    /// virtio-blk disks, in guest order: the first is `/dev/vda`, the next `/dev/vdb`, ...
+    pub disks: Vec<DiskConfig>,
+    /// Whether to give the guest a virtio-balloon device with free page reporting.
+    pub balloon: bool,
+}
+
+/// One virtio-blk disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// Raw image file (or host block device).
+    pub path: PathBuf,
+    /// Whether the guest may only read it.
+    pub read_only: bool,
+}
+
+/// Errors of parsing a [`DiskConfig`] from `PATH[,ro]`.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ParseDiskError {
+    /// Nothing before the options.
+    #[error("disk path is empty")]
+    EmptyPath,
+}
+
+impl FromStr for DiskConfig {
+    type Err = ParseDiskError;
+
+    /// `PATH` or `PATH,ro`. A path may itself contain commas, as long as it does not end in
+    /// `,ro`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (path, read_only) = match s.strip_suffix(",ro") {
+            Some(path) => (path, true),
+            None => (s, false),
+        };
+        if path.is_empty() {
+            return Err(ParseDiskError::EmptyPath);
+        }
+        Ok(Self {
+            path: path.into(),
+            read_only,
+        })
+    }
 }
 
 /// The guest's vsock device.
@@ -49,6 +91,12 @@ pub enum ConfigError {
     /// The guest CID is reserved.
     #[error("guest CID {0} is reserved (must be 3 or more)")]
     GuestCid(u32),
+    /// A disk image does not exist.
+    #[error("disk image {} does not exist", .0.display())]
+    DiskNotFound(PathBuf),
+    /// A disk image is a directory or another file that cannot hold sectors.
+    #[error("disk image {} is not a regular file or block device", .0.display())]
+    DiskNotAFile(PathBuf),
 }
 
 impl VmConfig {
@@ -65,12 +113,29 @@ impl VmConfig {
                 return Err(ConfigError::GuestCid(vsock.guest_cid));
             }
         }
-        Ok(())
+        self.disks.iter().try_for_each(DiskConfig::validate)
     }
 
     /// Guest memory in bytes.
     pub fn mem_bytes(&self) -> u64 {
         self.mem_mib << 20
+    }
+}
+
+impl DiskConfig {
+    /// Checks that the image exists and can hold sectors. Other failures (permissions, locks)
+    /// are reported when the device opens it.
+    fn validate(&self) -> Result<(), ConfigError> {
+        use std::os::unix::fs::FileTypeExt;
+        match std::fs::metadata(&self.path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(ConfigError::DiskNotFound(self.path.clone()))
+            }
+            Ok(meta) if !meta.is_file() && !meta.file_type().is_block_device() => {
+                Err(ConfigError::DiskNotAFile(self.path.clone()))
+            }
+            _ => Ok(()),
+        }
     }
 }
 
@@ -91,6 +156,8 @@ mod tests {
             }),
             console_log: None,
             rng: true,
+            disks: Vec::new(),
+            balloon: true,
         }
     }
 
@@ -130,5 +197,97 @@ mod tests {
         };
 
         assert_eq!(config.validate(), Err(ConfigError::GuestCid(2)));
+    }
+
+    #[test]
+    fn validate_existing_disk_passes() {
+        let image = tempfile::NamedTempFile::new().unwrap();
+        let config = VmConfig {
+            disks: vec![DiskConfig {
+                path: image.path().into(),
+                read_only: false,
+            }],
+            ..config()
+        };
+
+        assert_eq!(config.validate(), Ok(()));
+    }
+
+    #[test]
+    fn validate_missing_disk_fails_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("data.raw");
+        let config = VmConfig {
+            disks: vec![DiskConfig {
+                path: missing.clone(),
+                read_only: false,
+            }],
+            ..config()
+        };
+
+        let err = config.validate().unwrap_err();
+
+        assert_eq!(err, ConfigError::DiskNotFound(missing.clone()));
+        assert_eq!(
+            err.to_string(),
+            format!("disk image {} does not exist", missing.display())
+        );
+    }
+
+    #[test]
+    fn validate_directory_as_disk_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = VmConfig {
+            disks: vec![DiskConfig {
+                path: dir.path().into(),
+                read_only: true,
+            }],
+            ..config()
+        };
+
+        assert_eq!(
+            config.validate(),
+            Err(ConfigError::DiskNotAFile(dir.path().into()))
+        );
+    }
+
+    #[test]
+    fn parse_disk_path_alone_is_read_write() {
+        let disk: DiskConfig = "/var/lib/berth/data.raw".parse().unwrap();
+
+        assert_eq!(
+            disk,
+            DiskConfig {
+                path: "/var/lib/berth/data.raw".into(),
+                read_only: false,
+            }
+        );
+    }
+
+    #[test]
+    fn parse_disk_with_ro_suffix_is_read_only() {
+        let disk: DiskConfig = "base.img,ro".parse().unwrap();
+
+        assert_eq!(
+            disk,
+            DiskConfig {
+                path: "base.img".into(),
+                read_only: true,
+            }
+        );
+    }
+
+    #[test]
+    fn parse_disk_path_with_comma_keeps_it() {
+        let disk: DiskConfig = "a,b.img".parse().unwrap();
+
+        assert_eq!(disk.path, PathBuf::from("a,b.img"));
+        assert!(!disk.read_only);
+    }
+
+    #[test]
+    fn parse_disk_without_path_fails() {
+        assert_eq!(",ro".parse::<DiskConfig>(), Err(ParseDiskError::EmptyPath));
+        assert_eq!("".parse::<DiskConfig>(), Err(ParseDiskError::EmptyPath));
     }
 }

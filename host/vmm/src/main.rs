@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use berth_vmm::config::{VmConfig, VsockConfig};
+use berth_vmm::config::{DiskConfig, VmConfig, VsockConfig};
 use berth_vmm::exit::EXIT_VMM_ERROR;
 
 /// Boot a Berth guest under KVM and run it until it powers off.
@@ -40,6 +40,13 @@ struct Args {
     /// Do not give the guest a virtio-rng device.
     #[arg(long)]
     no_rng: bool,
+    /// A raw disk image as virtio-blk, read-only with `,ro`; repeat for more disks, in guest
+    /// order (/dev/vda, /dev/vdb, ...).
+    #[arg(long = "disk", value_name = "PATH[,ro]")]
+    disks: Vec<DiskConfig>,
+    /// Give the guest a virtio-balloon device with free page reporting.
+    #[arg(long)]
+    balloon: bool,
 }
 
 impl Args {
@@ -56,6 +63,8 @@ impl Args {
             }),
             console_log: self.console_log,
             rng: !self.no_rng,
+            disks: self.disks,
+            balloon: self.balloon,
         }
     }
 }

@@ -2,8 +2,9 @@
 //!
 //! Boot flow: validate the config → block termination signals → open KVM, create the VM with
 //! an in-kernel irqchip and PIT → map guest memory → load kernel and initramfs → wire the
-//! devices (console, i8042, virtio) → write command line, PVH start info, MP table and GDT →
-//! create and start the vCPUs → run the event loop until the guest stops or a signal arrives.
+//! devices (console, i8042, virtio: disks in order, rng, balloon) → write command line, PVH
+//! start info, MP table and GDT → create and start the vCPUs → run the event loop until the
+//! guest stops or a signal arrives.
 
 use std::fs::OpenOptions;
 use std::io::{LineWriter, Write};
@@ -29,6 +30,8 @@ use crate::x86_64::layout::{ram_regions, CMDLINE_MAX_SIZE, KVM_TSS_START};
 use crate::x86_64::mptable::{self, MptableError};
 use crate::x86_64::regs::{self, RegsError};
 use berth_devices::legacy::PanicWatch;
+use berth_devices::virtio::balloon::{Balloon, BalloonError};
+use berth_devices::virtio::block::{Block, BlockError};
 use berth_devices::virtio::rng::{OsEntropy, Rng};
 use berth_devices::GuestMemoryMmap;
 
@@ -71,6 +74,18 @@ pub enum VmError {
     /// A device could not be created.
     #[error("cannot create device {0}")]
     CreateDevice(&'static str, #[source] std::io::Error),
+    /// A disk image could not be attached.
+    #[error("cannot attach disk {index}")]
+    Disk {
+        /// Position of the disk in the config (0 is /dev/vda).
+        index: usize,
+        /// Why.
+        #[source]
+        source: BlockError,
+    },
+    /// The balloon could not be created.
+    #[error("cannot create the balloon device")]
+    Balloon(#[source] BalloonError),
     /// The config asks for a device this build cannot provide yet.
     #[error("{0} is not implemented yet")]
     Unsupported(&'static str),
@@ -128,10 +143,28 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmError> {
     cmdline
         .insert_str(&config.cmdline)
         .map_err(VmError::Cmdline)?;
+    // Disks first and in config order, so the guest names them vda, vdb, ... in that order.
+    for (index, disk) in config.disks.iter().enumerate() {
+        let block = Block::open(&disk.path, disk.read_only)
+            .map_err(|source| VmError::Disk { index, source })?;
+        let name = format!("blk{index}");
+        devices.register_mmio_virtio(
+            &vm,
+            &mem,
+            &mut cmdline,
+            &name,
+            Arc::new(Mutex::new(block)),
+        )?;
+    }
     if config.rng {
         let entropy = OsEntropy::open().map_err(|e| VmError::CreateDevice("rng", e))?;
         let rng = Rng::new(entropy).map_err(|e| VmError::CreateDevice("rng", e))?;
         devices.register_mmio_virtio(&vm, &mem, &mut cmdline, "rng", Arc::new(Mutex::new(rng)))?;
+    }
+    if config.balloon {
+        let balloon = Balloon::new().map_err(VmError::Balloon)?;
+        let balloon = Arc::new(Mutex::new(balloon));
+        devices.register_mmio_virtio(&vm, &mem, &mut cmdline, "balloon", balloon)?;
     }
 
     boot::write_boot_info(&mem, mem_size, &cmdline, initramfs)?;
