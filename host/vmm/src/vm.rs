@@ -30,6 +30,7 @@ use crate::x86_64::mptable::{self, MptableError};
 use crate::x86_64::regs::{self, RegsError};
 use berth_devices::legacy::PanicWatch;
 use berth_devices::virtio::rng::{OsEntropy, Rng};
+use berth_devices::vsock::{MuxerConfig, Vsock, VsockMuxer};
 use berth_devices::GuestMemoryMmap;
 
 /// Errors of setting up the VM.
@@ -71,9 +72,9 @@ pub enum VmError {
     /// A device could not be created.
     #[error("cannot create device {0}")]
     CreateDevice(&'static str, #[source] std::io::Error),
-    /// The config asks for a device this build cannot provide yet.
-    #[error("{0} is not implemented yet")]
-    Unsupported(&'static str),
+    /// The vsock device's host socket could not be set up.
+    #[error("cannot set up the vsock device")]
+    Vsock(#[source] berth_devices::vsock::VsockError),
     /// The event loop failed.
     #[error(transparent)]
     EventLoop(#[from] EventLoopError),
@@ -82,10 +83,6 @@ pub enum VmError {
 /// Boots the VM described by `config` and runs it to its end.
 pub fn run(config: &VmConfig) -> Result<VmOutcome, VmError> {
     config.validate()?;
-    if config.vsock.is_some() {
-        // Refuse rather than boot a guest whose agent can never be reached.
-        return Err(VmError::Unsupported("the vsock device"));
-    }
     // Before any thread exists, so every vCPU thread inherits the mask.
     let signals = SignalFd::block_terminating().map_err(VmError::Control)?;
 
@@ -128,6 +125,22 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmError> {
     cmdline
         .insert_str(&config.cmdline)
         .map_err(VmError::Cmdline)?;
+    if let Some(vsock) = &config.vsock {
+        let muxer = VsockMuxer::new(MuxerConfig {
+            guest_cid: u64::from(vsock.guest_cid),
+            uds_path: vsock.uds_path.clone(),
+        })
+        .map_err(VmError::Vsock)?;
+        let device = Vsock::new(u64::from(vsock.guest_cid), muxer)
+            .map_err(|e| VmError::CreateDevice("vsock", e))?;
+        devices.register_mmio_virtio(
+            &vm,
+            &mem,
+            &mut cmdline,
+            "vsock",
+            Arc::new(Mutex::new(device)),
+        )?;
+    }
     if config.rng {
         let entropy = OsEntropy::open().map_err(|e| VmError::CreateDevice("rng", e))?;
         let rng = Rng::new(entropy).map_err(|e| VmError::CreateDevice("rng", e))?;
