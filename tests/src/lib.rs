@@ -12,8 +12,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use berth_engine::assets::Assets;
-use berth_engine::vm::qemu::QemuBackend;
-use berth_engine::{select_backend, VmConfig};
+use berth_engine::{select_backend, VmBackend, VmConfig};
 
 /// VMs under TCG are CPU-bound and the machines have two cores: one VM at a time per test
 /// binary keeps boot times (and so timeouts) predictable.
@@ -56,7 +55,7 @@ pub struct TestVm {
     /// The kernel and initramfs under test.
     pub assets: Assets,
     /// The backend chosen for this host.
-    pub backend: QemuBackend,
+    pub backend: Box<dyn VmBackend + Send + Sync>,
     /// Scratch space; the VM's state directory is inside it.
     pub dir: tempfile::TempDir,
     _lock: MutexGuard<'static, ()>,
@@ -84,11 +83,11 @@ impl TestVm {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let backend = select_backend().backend;
-        let vsock = backend.vsock_program();
-        if !vsock.is_file() {
+        if let Some(missing) = backend.programs().into_iter().find(|p| !p.is_file()) {
             return Err(format!(
-                "the vsock device {} is missing: run `cargo build -p berth-vmm --bin berth-vsock`",
-                vsock.display()
+                "{} is missing: run `cargo build -p berth-vmm` (berth-vsock, berth-vmm) or \
+                 install QEMU (tests/install-deps.sh)",
+                missing.display()
             ));
         }
         let dir = tempfile::Builder::new()

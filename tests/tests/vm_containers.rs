@@ -112,7 +112,7 @@ impl Guest {
         let layer = busybox_layer(fixture.dir.path())?;
         let config = fixture.config();
         let uds = config.vsock_socket();
-        let (vm, mut agent) = Vm::start(&fixture.backend, &config).expect("boot");
+        let (vm, mut agent) = Vm::start(fixture.backend.as_ref(), &config).expect("boot");
         // The root filesystem travels on its own stream, as every bulk transfer does.
         let mut upload = stream(&uds, "busybox", StreamKind::LayerUpload);
         let writer = thread::spawn(move || {

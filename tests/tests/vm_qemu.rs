@@ -27,7 +27,7 @@ fn vm_boot_handshake_system_info_and_clean_shutdown_leaves_no_process() {
     };
     let config = fixture.config();
 
-    let (vm, mut agent) = Vm::start(&fixture.backend, &config).expect("boot");
+    let (vm, mut agent) = Vm::start(fixture.backend.as_ref(), &config).expect("boot");
     agent.ping().expect("ping");
     let info = agent.system_info().expect("system info");
     let host_now = SystemTime::now()
@@ -71,7 +71,7 @@ fn vm_missing_kernel_is_named_before_anything_starts() {
     let mut config = fixture.config();
     config.kernel = fixture.dir.path().join("no-such-vmlinux");
 
-    let err = Vm::start(&fixture.backend, &config).unwrap_err();
+    let err = Vm::start(fixture.backend.as_ref(), &config).unwrap_err();
 
     assert!(
         matches!(err, VmError::MissingAsset { what: "kernel", .. }),
@@ -98,7 +98,7 @@ fn vm_corrupted_initramfs_is_diagnosed_from_console() {
     fs::write(&config.initramfs, image).expect("write corrupt initramfs");
     let started = Instant::now();
 
-    let err = Vm::start(&fixture.backend, &config).unwrap_err();
+    let err = Vm::start(fixture.backend.as_ref(), &config).unwrap_err();
 
     assert!(
         started.elapsed() < FAILURE_BOUND,
@@ -136,7 +136,7 @@ fn vm_killed_mid_boot_is_reported_with_the_signal() {
     });
     let started = Instant::now();
 
-    let err = Vm::start(&fixture.backend, &config).unwrap_err();
+    let err = Vm::start(fixture.backend.as_ref(), &config).unwrap_err();
     killer.join().expect("killer thread");
 
     assert!(

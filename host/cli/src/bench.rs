@@ -12,7 +12,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use berth_engine::vm::qemu::{qemu_args, Accel};
+use berth_engine::vm::qemu::{qemu_args, Accel, QemuBackend};
 use berth_engine::vm::{error_chain, VmBackend};
 use berth_engine::{select_backend, Vm, VmConfig};
 use berth_vm_image::{Entry, EntryKind, Initramfs};
@@ -394,19 +394,20 @@ fn bench_boot(
     let anchor_initramfs = work.path().join("anchor.cpio");
     write_anchor_initramfs(busybox, &anchor_initramfs)?;
 
+    let qemu = QemuBackend::new(choice.backend.accel());
     let mut berth = Vec::with_capacity(runs);
     let mut anchor = Vec::with_capacity(runs);
     for run in 0..runs {
         // Interleaved so drifting machine load hits both sides alike.
         let config = vm_config(size, work.path().join(format!("vm-{run}")));
-        berth.push(boot_berth(&choice.backend, &config)?);
+        berth.push(boot_berth(choice.backend.as_ref(), &config)?);
         let anchor_config = VmConfig {
             initramfs: anchor_initramfs.clone(),
             state_dir: work.path().join(format!("anchor-{run}")),
             ..config
         };
         anchor.push(boot_anchor(
-            choice.backend.qemu_program(),
+            qemu.qemu_program(),
             choice.backend.accel(),
             &anchor_config,
         )?);

@@ -43,8 +43,8 @@ pub fn run(
     eprintln!("bench container: {}", choice.reason);
     let config = vm_config(size, work.path().join("vm"));
     let uds = config.vsock_socket();
-    let (vm, mut agent) =
-        Vm::start(&choice.backend, &config).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+    let (vm, mut agent) = Vm::start(choice.backend.as_ref(), &config)
+        .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
     let rootfs = PathBuf::from("/var/lib/berth/bench-rootfs");
     let header = |id: &str, kind| StreamHeader {
         container_id: id.into(),

@@ -146,7 +146,7 @@ fn vm_start(args: &StartArgs, state_dir: PathBuf) -> anyhow::Result<()> {
         console = %config.console_log().display(),
         "booting"
     );
-    let (_vm, mut agent) = Vm::start(&choice.backend, &config).map_err(flatten)?;
+    let (_vm, mut agent) = Vm::start(choice.backend.as_ref(), &config).map_err(flatten)?;
     let info = agent
         .system_info()
         .context("asking the agent for system information")?;

@@ -80,7 +80,7 @@ fn share_owner(flag: Option<&str>) -> anyhow::Result<(u32, u32)> {
 /// The shared roots: the flag's, else home and the temp dir; canonical, existing, none inside
 /// another. Empty (with a warning) when `virtiofsd` cannot be found.
 fn shares(requested: &[PathBuf], owner: (u32, u32)) -> Vec<VmShare> {
-    let virtiofsd = berth_engine::vm::qemu::find_virtiofsd();
+    let virtiofsd = berth_engine::vm::helpers::find_virtiofsd();
     if !virtiofsd.is_file() {
         tracing::warn!(
             "virtiofsd not found (cargo install --locked virtiofsd, or set BERTH_VIRTIOFSD): \

@@ -311,7 +311,7 @@ impl Machine {
         let (vm, client) = blocking(move || {
             let choice = select_backend();
             info!(reason = %choice.reason, "booting the VM");
-            Vm::start(&choice.backend, &config).map_err(MachineError::Boot)
+            Vm::start(choice.backend.as_ref(), &config).map_err(MachineError::Boot)
         })
         .await?;
         let endpoint = AgentEndpoint::Vsock(self.config.vsock_socket());

@@ -2,9 +2,9 @@
 //!
 //! Boot flow: validate the config → block termination signals → open KVM, create the VM with
 //! an in-kernel irqchip and PIT → map guest memory → load kernel and initramfs → wire the
-//! devices (console, i8042, virtio: disks in order, rng, balloon) → write command line, PVH
-//! start info, MP table and GDT → create and start the vCPUs → run the event loop until the
-//! guest stops or a signal arrives.
+//! devices (console, i8042, virtio: vsock, disks in order, rng, balloon) → write command line,
+//! PVH start info, MP table and GDT → create and start the vCPUs → run the event loop until
+//! the guest stops or a signal arrives.
 
 use std::fs::OpenOptions;
 use std::io::{LineWriter, Write};
@@ -33,6 +33,7 @@ use berth_devices::legacy::PanicWatch;
 use berth_devices::virtio::balloon::{Balloon, BalloonError};
 use berth_devices::virtio::block::{Block, BlockError};
 use berth_devices::virtio::rng::{OsEntropy, Rng};
+use berth_devices::vsock::{MuxerConfig, Vsock, VsockMuxer};
 use berth_devices::GuestMemoryMmap;
 
 /// Errors of setting up the VM.
@@ -74,6 +75,9 @@ pub enum VmError {
     /// A device could not be created.
     #[error("cannot create device {0}")]
     CreateDevice(&'static str, #[source] std::io::Error),
+    /// The vsock device's host socket could not be set up.
+    #[error("cannot set up the vsock device")]
+    Vsock(#[source] berth_devices::vsock::VsockError),
     /// A disk image could not be attached.
     #[error("cannot attach disk {index}")]
     Disk {
@@ -86,9 +90,6 @@ pub enum VmError {
     /// The balloon could not be created.
     #[error("cannot create the balloon device")]
     Balloon(#[source] BalloonError),
-    /// The config asks for a device this build cannot provide yet.
-    #[error("{0} is not implemented yet")]
-    Unsupported(&'static str),
     /// The event loop failed.
     #[error(transparent)]
     EventLoop(#[from] EventLoopError),
@@ -97,10 +98,6 @@ pub enum VmError {
 /// Boots the VM described by `config` and runs it to its end.
 pub fn run(config: &VmConfig) -> Result<VmOutcome, VmError> {
     config.validate()?;
-    if config.vsock.is_some() {
-        // Refuse rather than boot a guest whose agent can never be reached.
-        return Err(VmError::Unsupported("the vsock device"));
-    }
     // Before any thread exists, so every vCPU thread inherits the mask.
     let signals = SignalFd::block_terminating().map_err(VmError::Control)?;
 
@@ -143,7 +140,23 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmError> {
     cmdline
         .insert_str(&config.cmdline)
         .map_err(VmError::Cmdline)?;
-    // Disks first and in config order, so the guest names them vda, vdb, ... in that order.
+    if let Some(vsock) = &config.vsock {
+        let muxer = VsockMuxer::new(MuxerConfig {
+            guest_cid: u64::from(vsock.guest_cid),
+            uds_path: vsock.uds_path.clone(),
+        })
+        .map_err(VmError::Vsock)?;
+        let device = Vsock::new(u64::from(vsock.guest_cid), muxer)
+            .map_err(|e| VmError::CreateDevice("vsock", e))?;
+        devices.register_mmio_virtio(
+            &vm,
+            &mem,
+            &mut cmdline,
+            "vsock",
+            Arc::new(Mutex::new(device)),
+        )?;
+    }
+    // Disks in config order, so the guest names them vda, vdb, ... in that order.
     for (index, disk) in config.disks.iter().enumerate() {
         let block = Block::open(&disk.path, disk.read_only)
             .map_err(|source| VmError::Disk { index, source })?;

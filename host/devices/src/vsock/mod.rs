@@ -30,12 +30,14 @@
 //! socket events).
 
 mod connection;
+mod device;
 mod muxer;
 mod packet;
 pub mod queue;
 #[cfg(test)]
 mod test_utils;
 
+pub use device::Vsock;
 pub use muxer::{MuxerConfig, VsockMuxer};
 pub use packet::{ConnKey, Header};
 /// Size of a packet header in guest memory.

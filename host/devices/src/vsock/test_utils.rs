@@ -299,6 +299,11 @@ impl<'a> TestGuest<'a> {
     /// Lets the device process TX; returns the chains it completed.
     pub fn run_tx(&mut self, muxer: &mut VsockMuxer) -> Vec<(u16, u32)> {
         process_tx(muxer, &mut self.tx_queue, self.mem).expect("process tx");
+        self.tx_completed()
+    }
+
+    /// TX chains the device returned since the last call.
+    pub fn tx_completed(&mut self) -> Vec<(u16, u32)> {
         self.tx.take_used()
     }
 
@@ -306,6 +311,11 @@ impl<'a> TestGuest<'a> {
     pub fn offer_rx(&mut self) {
         self.rx
             .offer(&[(0, PKT_HEADER_SIZE as u32, true), (0x100, RX_ROOM, true)]);
+    }
+
+    /// Offers a raw TX chain `(offset, len, device-writable)` without processing it.
+    pub fn offer_tx_chain(&mut self, descs: &[(u64, u32, bool)]) {
+        self.tx.offer(descs);
     }
 
     /// Offers a raw RX chain `(offset, len, device-writable)`.
@@ -316,6 +326,18 @@ impl<'a> TestGuest<'a> {
     /// Lets the device fill RX buffers; returns the packets it delivered, in order.
     pub fn recv(&mut self, muxer: &mut VsockMuxer) -> Vec<(Header, Vec<u8>)> {
         process_rx(muxer, &mut self.rx_queue, self.mem).expect("process rx");
+        self.delivered()
+    }
+
+    /// The device's three queues (RX, TX, event), for a device that runs the queues itself
+    /// rather than through this guest's [`TestGuest::recv`] and [`TestGuest::run_tx`].
+    pub fn device_queues(&self) -> Vec<Queue> {
+        let event = Queue::new(TEST_QUEUE_SIZE).expect("queue");
+        vec![self.rx.device_queue(), self.tx.device_queue(), event]
+    }
+
+    /// Packets the device put in RX buffers since the last call.
+    pub fn delivered(&mut self) -> Vec<(Header, Vec<u8>)> {
         self.rx
             .take_used()
             .into_iter()

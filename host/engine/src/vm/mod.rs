@@ -9,8 +9,10 @@
 
 mod console;
 pub mod disk;
+pub mod helpers;
 mod process;
 pub mod qemu;
+pub mod vmm;
 
 use std::fs;
 use std::io;
@@ -121,12 +123,15 @@ pub enum VmError {
 pub enum BackendKind {
     /// `qemu-system-x86_64 -M microvm` with `berth-vsock` (vhost-user vsock).
     Qemu,
+    /// `berth-vmm`, our own VMM, on hardware KVM.
+    Vmm,
 }
 
 impl std::fmt::Display for BackendKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Qemu => f.write_str("qemu"),
+            Self::Vmm => f.write_str("vmm"),
         }
     }
 }
@@ -227,9 +232,16 @@ impl VmConfig {
 }
 
 /// Launches the processes that make up a VM. Everything after launch is common ([`Vm`]).
-pub trait VmBackend {
+pub trait VmBackend: std::fmt::Debug {
     /// Which backend this is.
     fn kind(&self) -> BackendKind;
+
+    /// The programs this backend runs for every VM, for a check before the first boot
+    /// (`virtiofsd`, run only when something is shared, is not among them).
+    fn programs(&self) -> Vec<&Path>;
+
+    /// Whether the guest runs on KVM or is emulated.
+    fn accel(&self) -> qemu::Accel;
 
     /// One line for the log describing how the VM will run (accelerator and so on).
     fn describe(&self) -> String;
@@ -243,23 +255,45 @@ pub trait VmBackend {
 #[derive(Debug)]
 pub struct BackendChoice {
     /// The chosen backend.
-    pub backend: qemu::QemuBackend,
+    pub backend: Box<dyn VmBackend + Send + Sync>,
     /// Why, for the log.
     pub reason: String,
 }
 
+/// The variable that forces a backend (`qemu` or `vmm`).
+pub const BACKEND_ENV: &str = "BERTH_BACKEND";
+
 /// Picks the backend and accelerator for this host and says why.
 ///
-/// Only the `qemu` backend exists so far; it uses KVM where hardware KVM boots a stock kernel
-/// and TCG elsewhere (including PVM-only hosts).
+/// `berth-vmm` where hardware KVM boots a stock kernel and the VMM is installed; otherwise
+/// QEMU, with KVM where it works and TCG elsewhere (including PVM-only hosts, whose KVM runs
+/// only PVM-patched guests). `BERTH_BACKEND=qemu|vmm` overrides the choice.
 pub fn select_backend() -> BackendChoice {
     let kvm = probe_kvm();
-    let accel = match kvm {
-        KvmSupport::Hardware => qemu::Accel::Kvm,
-        KvmSupport::PvmOnly | KvmSupport::Unavailable(_) => qemu::Accel::Tcg,
+    let forced = std::env::var(BACKEND_ENV).ok();
+    let vmm = vmm::VmmBackend::new();
+    let use_vmm = match forced.as_deref() {
+        Some("vmm") => true,
+        Some("qemu") => false,
+        Some(other) => {
+            warn!("{BACKEND_ENV}={other} is not a backend (qemu or vmm); choosing by host");
+            kvm == KvmSupport::Hardware && vmm.program().is_file()
+        }
+        None => kvm == KvmSupport::Hardware && vmm.program().is_file(),
     };
-    let backend = qemu::QemuBackend::new(accel);
-    let reason = format!("{}; using {}", kvm.explain(), backend.describe());
+    let backend: Box<dyn VmBackend + Send + Sync> = if use_vmm {
+        Box::new(vmm)
+    } else {
+        let accel = match kvm {
+            KvmSupport::Hardware => qemu::Accel::Kvm,
+            KvmSupport::PvmOnly | KvmSupport::Unavailable(_) => qemu::Accel::Tcg,
+        };
+        Box::new(qemu::QemuBackend::new(accel))
+    };
+    let forced = forced
+        .map(|name| format!(" ({BACKEND_ENV}={name})"))
+        .unwrap_or_default();
+    let reason = format!("{}; using {}{forced}", kvm.explain(), backend.describe());
     BackendChoice { backend, reason }
 }
 

@@ -12,16 +12,16 @@
 //! `virtio_mmio.device=…` to the command line. vhost-user needs guest memory in a shared memfd.
 
 use std::ffi::OsString;
-use std::fs::{self, File};
+use std::fs;
 use std::io;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::process::Command;
 
+use super::helpers::{
+    find_program, find_virtiofsd, spawn_detached, spawn_virtiofsd, virtiofs_socket, wait_for_socket,
+};
 use super::process::VmProcess;
-use super::{BackendKind, VmBackend, VmConfig, VmError, VmShare};
+use super::{BackendKind, VmBackend, VmConfig, VmError};
 
 /// The vhost-user control socket QEMU connects to.
 const VHOST_SOCKET: &str = "vhost-vsock.sock";
@@ -32,13 +32,6 @@ const VHOST_LOG: &str = "berth-vsock.log";
 /// The vsock device program, and the variable that overrides where it is found.
 const VSOCK_PROGRAM: &str = "berth-vsock";
 const VSOCK_ENV: &str = "BERTH_VHOST_VSOCK";
-
-/// The virtio-fs device program, and the variable that overrides where it is found.
-pub const VIRTIOFSD_PROGRAM: &str = "virtiofsd";
-pub const VIRTIOFSD_ENV: &str = "BERTH_VIRTIOFSD";
-
-/// How long the vsock device may take to create its socket.
-const HELPER_READY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The accelerator QEMU runs the guest with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,44 +79,6 @@ impl QemuBackend {
         &self.vhost_vsock
     }
 
-    /// Starts one `virtiofsd` per share; stops what it started if one fails.
-    fn spawn_virtiofsd(&self, config: &VmConfig) -> Result<Vec<VmProcess>, VmError> {
-        let mut started: Vec<VmProcess> = Vec::new();
-        for share in &config.shares {
-            let socket = virtiofs_socket(&config.state_dir, &share.tag);
-            let log = config
-                .state_dir
-                .join(format!("virtiofsd-{}.log", share.tag));
-            // A socket left by an earlier VM would look ready before virtiofsd listens.
-            let _ = fs::remove_file(&socket);
-            let mut command = Command::new(&self.virtiofsd);
-            command.args(virtiofsd_args(
-                share,
-                &socket,
-                nix::unistd::geteuid().is_root(),
-            ));
-            let spawned = spawn_detached(
-                &mut command,
-                &log,
-                "install it with `cargo install --locked virtiofsd` or set BERTH_VIRTIOFSD",
-            )
-            .map(|child| {
-                VmProcess::spawned(VIRTIOFSD_PROGRAM, child, config.state_dir.to_string_lossy())
-            })
-            .and_then(|process| wait_for_socket(process, &socket, VIRTIOFSD_PROGRAM, &log));
-            match spawned {
-                Ok(process) => started.push(process),
-                Err(e) => {
-                    for mut process in started {
-                        process.kill_and_reap();
-                    }
-                    return Err(e);
-                }
-            }
-        }
-        Ok(started)
-    }
-
     fn spawn_vhost_vsock(&self, config: &VmConfig) -> Result<VmProcess, VmError> {
         let socket = config.state_dir.join(VHOST_SOCKET);
         let mut command = Command::new(&self.vhost_vsock);
@@ -149,76 +104,17 @@ impl QemuBackend {
     }
 }
 
-/// Waits until a vhost-user backend has created its socket: QEMU connects to it as a client
-/// at start, so it must exist first.
-fn wait_for_socket(
-    mut process: VmProcess,
-    socket: &Path,
-    program: &str,
-    log: &Path,
-) -> Result<VmProcess, VmError> {
-    let deadline = Instant::now() + HELPER_READY_TIMEOUT;
-    while !socket.exists() {
-        if let Some(status) = process.exit_status() {
-            return Err(VmError::HelperFailed {
-                program: program.into(),
-                status,
-                log: log.to_owned(),
-            });
-        }
-        if Instant::now() > deadline {
-            process.kill_and_reap();
-            return Err(VmError::HelperTimeout {
-                program: program.into(),
-                path: socket.to_owned(),
-                secs: HELPER_READY_TIMEOUT.as_secs(),
-            });
-        }
-        thread::sleep(Duration::from_millis(5));
-    }
-    Ok(process)
-}
-
-/// The vhost-user socket of the share tagged `tag`.
-fn virtiofs_socket(state_dir: &Path, tag: &str) -> PathBuf {
-    state_dir.join(format!("virtiofs-{tag}.sock"))
-}
-
-/// `virtiofsd`'s arguments for `share`. Pure, so the ownership mapping is unit-tested.
-///
-/// Guest root and the share's owner map to each other both ways; every other guest id is
-/// squashed to the owner, so whatever a container creates belongs to the host user. Host ids
-/// other than the owner's pass through unchanged. As root the daemon is sandboxed in its own
-/// namespaces with the share as its root; unprivileged it cannot be, and relies on the guest
-/// kernel resolving every path (symlinks included) inside the share.
-pub fn virtiofsd_args(share: &VmShare, socket: &Path, root: bool) -> Vec<OsString> {
-    let (uid, gid) = share.owner;
-    let mut args: Vec<OsString> = vec![
-        "--shared-dir".into(),
-        share.host_dir.clone().into(),
-        "--socket-path".into(),
-        socket.into(),
-        "--tag".into(),
-        share.tag.clone().into(),
-        "--sandbox".into(),
-        if root { "namespace" } else { "none" }.into(),
-        "--cache".into(),
-        "auto".into(),
-        "--log-level".into(),
-        "warn".into(),
-    ];
-    for (flag, id) in [("--translate-uid", uid), ("--translate-gid", gid)] {
-        args.push(flag.into());
-        args.push(format!("map:0:{id}:1").into());
-        args.push(flag.into());
-        args.push(format!("squash-guest:1:{id}:4294967294").into());
-    }
-    args
-}
-
 impl VmBackend for QemuBackend {
     fn kind(&self) -> BackendKind {
         BackendKind::Qemu
+    }
+
+    fn accel(&self) -> Accel {
+        self.accel
+    }
+
+    fn programs(&self) -> Vec<&Path> {
+        vec![&self.qemu, &self.vhost_vsock]
     }
 
     fn describe(&self) -> String {
@@ -229,7 +125,7 @@ impl VmBackend for QemuBackend {
     }
 
     fn launch(&self, config: &VmConfig) -> Result<Vec<VmProcess>, VmError> {
-        let mut helpers = self.spawn_virtiofsd(config)?;
+        let mut helpers = spawn_virtiofsd(&self.virtiofsd, config)?;
         match self.spawn_vhost_vsock(config) {
             Ok(vhost) => helpers.push(vhost),
             Err(e) => {
@@ -348,34 +244,6 @@ fn qemu_escape(path: &Path) -> OsString {
     OsString::from_vec(bytes)
 }
 
-/// Spawns a VM process in its own process group (so a Ctrl-C aimed at the CLI that started it
-/// does not reach it), with stdout and stderr going to `log`.
-fn spawn_detached(
-    command: &mut Command,
-    log: &Path,
-    hint: &str,
-) -> Result<std::process::Child, VmError> {
-    let program = command.get_program().to_string_lossy().into_owned();
-    let spawn_err = |source: io::Error| VmError::Spawn {
-        program: program.clone(),
-        hint: if source.kind() == io::ErrorKind::NotFound {
-            hint.to_string()
-        } else {
-            format!("see {}", log.display())
-        },
-        source,
-    };
-    let out = File::create(log).map_err(spawn_err)?;
-    let err = out.try_clone().map_err(spawn_err)?;
-    command
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .process_group(0)
-        .spawn()
-        .map_err(spawn_err)
-}
-
 /// Removes this backend's sockets from a state directory.
 pub(super) fn forget_files(state_dir: &Path) {
     match fs::remove_file(state_dir.join(VHOST_SOCKET)) {
@@ -385,50 +253,11 @@ pub(super) fn forget_files(state_dir: &Path) {
     }
 }
 
-/// The `virtiofsd` this backend runs (`BERTH_VIRTIOFSD`, `PATH`, cargo's bin directory); the
-/// bare name if it is nowhere (berthd then says so and shares nothing).
-pub fn find_virtiofsd() -> PathBuf {
-    find_program(VIRTIOFSD_PROGRAM, VIRTIOFSD_ENV, false)
-}
-
-/// Finds `name`: the `env` override; then, if `beside_exe`, the running executable's directory
-/// and its parent (`target/<profile>/` holds every binary of a workspace build, and test
-/// binaries run from its `deps/`); then `PATH`; then cargo's bin directory. Falls back to the
-/// bare name so the spawn error names the program.
-fn find_program(name: &str, env: &str, beside_exe: bool) -> PathBuf {
-    if let Some(path) = std::env::var_os(env) {
-        return PathBuf::from(path);
-    }
-    let exe_dirs = std::env::current_exe()
-        .ok()
-        .filter(|_| beside_exe)
-        .map(|exe| {
-            exe.ancestors()
-                .skip(1)
-                .take(2)
-                .map(Path::to_path_buf)
-                .collect::<Vec<_>>()
-        })
-        .unwrap_or_default();
-    let path_dirs = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .unwrap_or_default();
-    let cargo_bin = std::env::var_os("CARGO_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
-        .map(|c| c.join("bin"));
-    exe_dirs
-        .into_iter()
-        .chain(path_dirs)
-        .chain(cargo_bin)
-        .map(|dir| dir.join(name))
-        .find(|candidate| candidate.is_file())
-        .unwrap_or_else(|| PathBuf::from(name))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vm::VmShare;
+    use std::time::Duration;
 
     fn config() -> VmConfig {
         VmConfig {
@@ -524,28 +353,6 @@ mod tests {
     }
 
     #[test]
-    fn virtiofsd_args_map_guest_root_to_the_owner_and_squash_the_rest() {
-        let share = VmShare {
-            tag: "share0".into(),
-            host_dir: "/home/u".into(),
-            owner: (1000, 1001),
-        };
-
-        let args = virtiofsd_args(&share, Path::new("/run/fs.sock"), true)
-            .iter()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect::<Vec<_>>()
-            .join(" ");
-
-        assert!(args.contains("--shared-dir /home/u --socket-path /run/fs.sock --tag share0"));
-        assert!(args.contains("--sandbox namespace"));
-        assert!(args.contains(
-            "--translate-uid map:0:1000:1 --translate-uid squash-guest:1:1000:4294967294"
-        ));
-        assert!(args.contains("--translate-gid map:0:1001:1"));
-    }
-
-    #[test]
     fn qemu_args_share_is_vhost_user_fs_device_with_its_tag() {
         let config = VmConfig {
             shares: vec![VmShare {
@@ -564,13 +371,6 @@ mod tests {
 
         assert!(args.contains("-chardev socket,id=fs0,path=/run/berth/vm/virtiofs-share0.sock"));
         assert!(args.contains("-device vhost-user-fs-device,chardev=fs0,tag=share0"));
-    }
-
-    #[test]
-    fn find_program_found_nowhere_is_the_bare_name() {
-        let found = find_program("berth-no-such-program", "BERTH_TEST_UNSET_VARIABLE", true);
-
-        assert_eq!(found, PathBuf::from("berth-no-such-program"));
     }
 
     #[test]
