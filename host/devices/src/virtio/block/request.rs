@@ -150,7 +150,7 @@ pub(super) fn process(
         tracing::warn!("virtio-blk: cannot write the status: {e}");
         return 0;
     }
-    written + 1
+    written.saturating_add(1)
 }
 
 /// Runs the request of `descs` (the chain without its status descriptor); returns the bytes
