@@ -77,7 +77,7 @@ chmod +x "$out/.kvm-box-init"
 
 log=$work/console.log
 qemu-system-x86_64 \
-  -M microvm,acpi=off -accel tcg -cpu max -m "$mem" -smp "$smp" \
+  -M microvm,acpi=off -accel tcg -cpu max -m "$mem" -smp "$smp" ${BERTH_KVM_BOX_QEMU_ARGS:-} \
   -nodefaults -no-user-config -nographic -no-reboot \
   -serial stdio \
   -kernel "$kernel" \
