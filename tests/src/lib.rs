@@ -119,7 +119,7 @@ impl TestVm {
             memory_mib: 512,
             vcpus: 2,
             state_dir: self.state_dir(),
-            boot_timeout: Duration::from_secs(120),
+            boot_timeout: boot_timeout(),
             extra_cmdline: Vec::new(),
             data_disk: None,
             shares: Vec::new(),
@@ -130,6 +130,15 @@ impl TestVm {
     pub fn state_dir(&self) -> PathBuf {
         self.dir.path().join("vm")
     }
+}
+
+/// How long a scenario's VM may take to boot: 120 s, or `BERTH_TEST_BOOT_TIMEOUT` seconds (the
+/// KVM box raises it: there the guest runs under nested virtualization emulated by TCG).
+pub fn boot_timeout() -> Duration {
+    std::env::var("BERTH_TEST_BOOT_TIMEOUT")
+        .ok()
+        .and_then(|secs| secs.parse().ok())
+        .map_or(Duration::from_secs(120), Duration::from_secs)
 }
 
 /// Pids of every process on the host whose command line mentions `marker`.

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use berth_engine::vm::qemu::{qemu_args, Accel, QemuBackend};
+use berth_engine::vm::BackendKind;
 use berth_engine::vm::{error_chain, VmBackend};
 use berth_engine::{select_backend, Vm, VmConfig};
 use berth_vm_image::{Entry, EntryKind, Initramfs};
@@ -394,6 +395,9 @@ fn bench_boot(
     let anchor_initramfs = work.path().join("anchor.cpio");
     write_anchor_initramfs(busybox, &anchor_initramfs)?;
 
+    if choice.backend.kind() == BackendKind::Vmm {
+        return bench_vmm_boot(runs, size, choice.backend.as_ref(), &work, record);
+    }
     let qemu = QemuBackend::new(choice.backend.accel());
     let mut berth = Vec::with_capacity(runs);
     let mut anchor = Vec::with_capacity(runs);
@@ -432,6 +436,101 @@ fn bench_boot(
         eprintln!("recorded in {}", path.display());
     }
     Ok(())
+}
+
+/// `bench boot` where the vmm backend runs: berth-vmm against QEMU microvm on the same KVM,
+/// both booting the same kernel and initramfs to the agent's handshake, interleaved; and each
+/// VMM's resident memory beyond the guest's RAM, right after the handshake.
+fn bench_vmm_boot(
+    runs: usize,
+    size: &VmSizeArgs,
+    vmm: &dyn VmBackend,
+    work: &tempfile::TempDir,
+    record: Option<&Path>,
+) -> anyhow::Result<()> {
+    let qemu = QemuBackend::new(Accel::Kvm);
+    let mut samples: [Vec<BootSample>; 2] = [Vec::new(), Vec::new()];
+    for run in 0..runs {
+        for (side, backend) in [vmm, &qemu as &dyn VmBackend].into_iter().enumerate() {
+            let config = vm_config(size, work.path().join(format!("vm-{run}-{side}")));
+            samples[side].push(boot_measured(backend, &config)?);
+        }
+        eprintln!(
+            "run {}/{runs}: berth-vmm {} ms, qemu {} ms",
+            run + 1,
+            samples[0][run].boot.as_millis(),
+            samples[1][run].boot.as_millis()
+        );
+    }
+    let [berth, anchor] = samples.map(|mut side| BootSample {
+        boot: median(&mut side.iter().map(|s| s.boot).collect::<Vec<_>>()),
+        overhead_kib: median_u64(side.iter_mut().map(|s| s.overhead_kib).collect()),
+    });
+    let markdown = format!(
+        "| what | berth-vmm | QEMU microvm (anchor) | ratio |\n|---|---|---|---|\n\
+         | process start to agent handshake, median of {runs} | {b} ms | {a} ms | {ratio:.2} |\n\
+         | VMM resident memory beyond guest RAM, median | {bm:.1} MiB | {am:.1} MiB | {mratio:.2} |\n\n\
+         Both boot the same kernel and initramfs on the same KVM, interleaved. Guest: {mem} MiB, \
+         {cpus} vCPUs. Memory is the VMM's RSS (from /proc/<pid>/smaps) minus the mapping of \
+         guest RAM, read right after the handshake; QEMU's figure leaves out its vhost-user \
+         vsock process. Command: `berth bench boot --runs {runs} --memory {mem} --cpus {cpus} \
+         --record docs/benchmarks.md` with `BERTH_BACKEND=vmm`.",
+        b = berth.boot.as_millis(),
+        a = anchor.boot.as_millis(),
+        ratio = berth.boot.as_secs_f64() / anchor.boot.as_secs_f64().max(1e-9),
+        bm = berth.overhead_kib as f64 / 1024.0,
+        am = anchor.overhead_kib as f64 / 1024.0,
+        mratio = berth.overhead_kib as f64 / (anchor.overhead_kib as f64).max(1.0),
+        mem = size.memory,
+        cpus = size.cpus,
+    );
+    println!("{markdown}");
+    if let Some(path) = record {
+        record_section(path, "vmm-boot", &markdown)?;
+        eprintln!("recorded in {}", path.display());
+    }
+    Ok(())
+}
+
+/// One boot: its time to the handshake and the VMM's memory beyond guest RAM.
+#[derive(Debug, Clone, Copy)]
+struct BootSample {
+    boot: Duration,
+    overhead_kib: u64,
+}
+
+fn boot_measured(backend: &dyn VmBackend, config: &VmConfig) -> anyhow::Result<BootSample> {
+    let started = Instant::now();
+    let (vm, _agent) = Vm::start(backend, config).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+    let boot = started.elapsed();
+    let pid = vm.processes().first().map(|p| p.pid());
+    let guest_kib = u64::from(config.memory_mib) * 1024;
+    let overhead_kib = pid
+        .and_then(|pid| fs::read_to_string(format!("/proc/{pid}/smaps")).ok())
+        .map(|smaps| rss_beyond(&smaps, guest_kib))
+        .unwrap_or(0);
+    vm.stop(Duration::from_secs(60));
+    Ok(BootSample { boot, overhead_kib })
+}
+
+/// Resident KiB of every mapping in `smaps` except those exactly `guest_kib` large (guest RAM).
+fn rss_beyond(smaps: &str, guest_kib: u64) -> u64 {
+    let mut total = 0;
+    let mut is_guest = false;
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        match (words.next(), words.next()) {
+            (Some("Size:"), Some(kib)) => is_guest = kib.parse::<u64>().ok() == Some(guest_kib),
+            (Some("Rss:"), Some(kib)) if !is_guest => total += kib.parse::<u64>().unwrap_or(0),
+            _ => {}
+        }
+    }
+    total
+}
+
+fn median_u64(mut values: Vec<u64>) -> u64 {
+    values.sort_unstable();
+    values.get(values.len() / 2).copied().unwrap_or(0)
 }
 
 fn boot_berth(backend: &dyn VmBackend, config: &VmConfig) -> anyhow::Result<Duration> {
@@ -573,6 +672,21 @@ pub(crate) fn record_section(path: &Path, name: &str, body: &str) -> anyhow::Res
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rss_beyond_leaves_out_the_guest_ram_mapping() {
+        let smaps = "7f00-7f01 rw-s 00000000 00:01 1 /memfd:guest (deleted)\n\
+                     Size:             524288 kB\n\
+                     Rss:              200000 kB\n\
+                     5500-5600 r-xp 00000000 08:01 2 /usr/bin/berth-vmm\n\
+                     Size:               4096 kB\n\
+                     Rss:                3000 kB\n\
+                     [heap]\n\
+                     Size:               1024 kB\n\
+                     Rss:                 512 kB\n";
+
+        assert_eq!(rss_beyond(smaps, 524_288), 3512);
+    }
 
     #[test]
     fn median_odd_count_is_middle_value() {
