@@ -121,6 +121,8 @@ pub fn vmm_args(config: &VmConfig) -> Vec<OsString> {
         value.push(virtiofs_socket(&config.state_dir, &share.tag));
         flag("share", value);
     }
+    // Free guest pages go back to the host (virtio-balloon free page reporting).
+    args.push("--balloon".into());
     args
 }
 
@@ -160,6 +162,7 @@ mod tests {
         assert!(args.contains("--mem-mib 512 --vcpus 2"));
         assert!(args.contains("--vsock-uds /run/berth/vm/vsock.sock --guest-cid 3"));
         assert!(args.contains("--console-log /run/berth/vm/console.log"));
+        assert!(args.ends_with("--balloon"));
     }
 
     #[test]
