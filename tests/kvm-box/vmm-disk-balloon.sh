@@ -14,10 +14,6 @@
 #   (BERTH_VMM_KERNEL, default target/berth/vmlinux; it also serves as the box's L1 kernel
 #   unless BERTH_KVM_BOX_KERNEL says otherwise).
 # Prints CHECK lines; exits non-zero if any check failed or a run did not finish.
-#
-# Status: not yet seen passing. When it was written (main at c51a389) berth-vmm produced no guest
-# console output inside the box within 240 s, with or without these devices, so the guest half
-# has only been checked by reading; the unit tests in host/devices cover the device side.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -119,7 +115,7 @@ else
   umount /mnt
 fi
 echo "PHASE-$phase-END"
-poweroff -f
+reboot -f
 INIT
 chmod +x "$root/init"
 (cd "$root" && find . | cpio -o -H newc --quiet) >"$out/initramfs.cpio"
@@ -137,7 +133,7 @@ truncate -s 32M \$d/c.raw
 vm() {
   BERTH_VMM_LOG=info exec timeout $vm_timeout $vmm --kernel $kernel \\
     --initramfs $out/initramfs.cpio --mem-mib 256 \\
-    --cmdline "console=ttyS0 earlyprintk=ttyS0 reboot=t panic=-1 berth.phase=\$1" \\
+    --cmdline "console=ttyS0 reboot=t panic=-1 berth.phase=\$1" \\
     --disk \$d/a.raw --disk \$d/b.raw,ro --disk \$d/c.raw --balloon \\
     --console-log $out/phase\$1.log 2>$out/vmm\$1.err
 }
