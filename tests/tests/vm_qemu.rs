@@ -1,11 +1,12 @@
-//! Tier 2 under the qemu backend: the real kernel and initramfs boot, the agent answers over the
+//! Tier 2 under the host's backend (qemu here; `vmm` in the KVM box, `tests/kvm-box/vmm-suite.sh`):
+//! the real kernel and initramfs boot, the agent answers over the
 //! hybrid vsock socket, and failures are named within a bounded time.
 
 use std::fs;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use berth_engine::vm::VmError;
+use berth_engine::vm::{BackendKind, VmError};
 use berth_engine::{StopOutcome, Vm};
 use berth_tests::{processes_mentioning, skip, TestVm};
 use nix::sys::signal::{kill, Signal};
@@ -121,13 +122,13 @@ fn vm_killed_mid_boot_is_reported_with_the_signal() {
     let config = fixture.config();
     let state_file = config.state_dir.join("state.json");
     let killer = thread::spawn(move || {
-        // The state file appears once the processes run; kill QEMU as soon as it does.
+        // The state file appears once the processes run; kill the VM process as soon as it does.
         let deadline = Instant::now() + FAILURE_BOUND;
         while Instant::now() < deadline {
             if let Ok(text) = fs::read_to_string(&state_file) {
                 let state: serde_json::Value = serde_json::from_str(&text).expect("state");
-                let pid = state["processes"][0][1].as_i64().expect("qemu pid");
-                kill(Pid::from_raw(pid as i32), Signal::SIGKILL).expect("kill qemu");
+                let pid = state["processes"][0][1].as_i64().expect("VM pid");
+                kill(Pid::from_raw(pid as i32), Signal::SIGKILL).expect("kill the VM process");
                 return;
             }
             thread::sleep(Duration::from_millis(5));
@@ -145,8 +146,12 @@ fn vm_killed_mid_boot_is_reported_with_the_signal() {
         started.elapsed()
     );
     let text = err.to_string();
+    let vm_process = match fixture.backend.kind() {
+        BackendKind::Qemu => "qemu",
+        BackendKind::Vmm => "berth-vmm",
+    };
     assert!(
-        text.contains("qemu was killed by signal 9 (SIGKILL)"),
+        text.contains(&format!("{vm_process} was killed by signal 9 (SIGKILL)")),
         "{text}"
     );
     assert_eq!(processes_mentioning(&config.state_dir), Vec::new());
