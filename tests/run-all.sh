@@ -34,9 +34,12 @@ echo "initramfs reproducible: sha256 $first"
 # The two scenarios that need cgroup v2's memory and pids controllers cannot run on hosts whose
 # controllers are bound to cgroup v1 (these machines); they run with the whole container suite
 # in a VM below.
-step "tests (unit, agent-native, VM under the qemu backend, CLI)"
+step "tests (unit, agent-native, VM under the host's backend, CLI)"
 cargo test --locked --workspace -- \
   --skip container_memory_limit_oom_killed --skip container_pids_limit_stops_fork_bomb
 
 step "container suite inside a VM booted from our kernel"
 tests/kvm-box/container-suite.sh
+
+step "berth-vmm against a real KVM, inside the KVM box"
+tests/kvm-box/vmm-suite.sh
