@@ -428,6 +428,30 @@ impl GuestQueue {
         }
     }
 
+    /// Panics if the used ring holds more elements than the queue has entries, or a head at or
+    /// above the queue size.
+    pub fn check_used_heads(&self, mem: &GuestMemoryMmap) {
+        let read_u32 = |addr: u64| -> u32 {
+            u32::from_le(
+                mem.read_obj(GuestAddress(addr))
+                    .expect("used ring inside memory"),
+            )
+        };
+        let used_idx = read_u32(self.layout.used()) >> 16;
+        assert!(
+            used_idx <= u32::from(self.size),
+            "used index {used_idx} past the queue size"
+        );
+        for i in 0..u64::from(used_idx) {
+            let id = read_u32(self.layout.used() + 4 + 8 * i);
+            assert!(
+                id < u32::from(self.size),
+                "used head {id} >= queue size {}",
+                self.size
+            );
+        }
+    }
+
     /// Panics if the device wrote into the descriptor table, available ring or indirect
     /// tables.
     pub fn check_driver_areas(&self, mem: &GuestMemoryMmap) {
@@ -657,8 +681,10 @@ pub fn balloon_round(rng: &mut GuestRng) {
     // Inflate legitimately zeroes any page the guest names, its own rings included (frame
     // numbers assembled from overlapping buffers do name them), so only the used rings are
     // held to the invariants here.
+    // The device then sees other chains than were generated, so only the bounds on the used
+    // ring itself are held (balloon used lengths are always 0).
     for queue in &queues {
-        queue.check_used(&mem);
+        queue.check_used_heads(&mem);
     }
 }
 
