@@ -5,6 +5,8 @@
 //! (`berth_vmm::device_manager`).
 
 pub mod bus;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod legacy;
 pub mod virtio;
 pub mod vsock;
