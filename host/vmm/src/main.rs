@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use berth_vmm::config::{VmConfig, VsockConfig};
+use berth_vmm::config::{ShareConfig, VmConfig, VsockConfig};
 use berth_vmm::exit::EXIT_VMM_ERROR;
 
 /// Boot a Berth guest under KVM and run it until it powers off.
@@ -40,6 +40,10 @@ struct Args {
     /// Do not give the guest a virtio-rng device.
     #[arg(long)]
     no_rng: bool,
+    /// A virtio-fs device named TAG, served by the vhost-user backend (virtiofsd) listening on
+    /// SOCKET. Repeatable.
+    #[arg(long = "share", value_name = "TAG=SOCKET")]
+    shares: Vec<ShareConfig>,
 }
 
 impl Args {
@@ -56,6 +60,7 @@ impl Args {
             }),
             console_log: self.console_log,
             rng: !self.no_rng,
+            shares: self.shares,
         }
     }
 }

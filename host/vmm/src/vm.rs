@@ -23,8 +23,10 @@ use crate::config::{ConfigError, VmConfig};
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::event_loop::{self, ControlFds, EventLoopError};
 use crate::exit::VmOutcome;
+use crate::memory::{create_guest_memory, MemoryError};
 use crate::signals::SignalFd;
 use crate::vcpu::{self, VcpuError};
+use crate::vhost_user_fs::{VhostUserFs, VhostUserFsError};
 use crate::x86_64::layout::{ram_regions, CMDLINE_MAX_SIZE, KVM_TSS_START};
 use crate::x86_64::mptable::{self, MptableError};
 use crate::x86_64::regs::{self, RegsError};
@@ -43,7 +45,7 @@ pub enum VmError {
     Kvm(&'static str, #[source] kvm_ioctls::Error),
     /// Guest memory could not be allocated.
     #[error("cannot allocate guest memory")]
-    Memory(#[source] vm_memory::mmap::FromRangesError),
+    Memory(#[source] MemoryError),
     /// Loading the guest failed.
     #[error(transparent)]
     Boot(#[from] BootError),
@@ -77,6 +79,9 @@ pub enum VmError {
     /// The event loop failed.
     #[error(transparent)]
     EventLoop(#[from] EventLoopError),
+    /// A virtio-fs device could not be created.
+    #[error("cannot create the virtio-fs device {0:?}")]
+    Share(String, #[source] VhostUserFsError),
 }
 
 /// Boots the VM described by `config` and runs it to its end.
@@ -109,7 +114,7 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmError> {
         .into_iter()
         .map(|(start, size)| (GuestAddress(start), size as usize))
         .collect();
-    let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(VmError::Memory)?;
+    let mem = create_guest_memory(&ranges).map_err(VmError::Memory)?;
     register_memory(&vm, &mem)?;
 
     let (entry, kernel_end) = boot::load_kernel(&mem, &config.kernel)?;
@@ -132,6 +137,12 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmError> {
         let entropy = OsEntropy::open().map_err(|e| VmError::CreateDevice("rng", e))?;
         let rng = Rng::new(entropy).map_err(|e| VmError::CreateDevice("rng", e))?;
         devices.register_mmio_virtio(&vm, &mem, &mut cmdline, "rng", Arc::new(Mutex::new(rng)))?;
+    }
+    for share in &config.shares {
+        // A backend that cannot be reached leaves the device broken, not the VM unbootable.
+        let fs = VhostUserFs::new(share).map_err(|e| VmError::Share(share.tag.clone(), e))?;
+        let name = format!("fs {}", share.tag);
+        devices.register_mmio_virtio(&vm, &mem, &mut cmdline, &name, Arc::new(Mutex::new(fs)))?;
     }
 
     boot::write_boot_info(&mem, mem_size, &cmdline, initramfs)?;
