@@ -100,7 +100,7 @@ impl VhostUserFs {
     /// Drops the connection after `error`, logging why.
     fn break_down(&mut self, error: &VhostUserFsError) {
         tracing::error!(
-            "virtio-fs {}: {}; the device is broken until the VM restarts",
+            "virtio-fs {}: {}; the device stays broken until the VM ends",
             self.tag,
             error_chain(error)
         );
