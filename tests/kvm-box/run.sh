@@ -75,13 +75,20 @@ $busybox reboot -f
 INIT
 chmod +x "$out/.kvm-box-init"
 
+# L1 calibrates its TSC against QEMU's emulated PIT, which fails now and then when the host is
+# busy ("tsc: Unable to calibrate against PIT"). L1 then runs on jiffies without a TSC frequency,
+# and its KVM cannot run a guest that uses kvm-clock: the vCPU loops on clock updates inside L1's
+# kernel and the guest never prints a line. Under TCG, L1's TSC is the host's, so tell L1 the
+# host's frequency instead of letting it measure.
+tsc_khz=${BERTH_KVM_BOX_TSC_KHZ:-$(awk -F: '/^cpu MHz/ {printf "%d", $2 * 1000; exit}' /proc/cpuinfo)}
+
 log=$work/console.log
 qemu-system-x86_64 \
   -M microvm,acpi=off -accel tcg -cpu max -m "$mem" -smp "$smp" ${BERTH_KVM_BOX_QEMU_ARGS:-} \
   -nodefaults -no-user-config -nographic -no-reboot \
   -serial stdio \
   -kernel "$kernel" \
-  -append "console=ttyS0 reboot=t panic=-1 quiet root=host rootfstype=9p rootflags=trans=virtio,version=9p2000.L,msize=262144 ro init=$out/.kvm-box-init" \
+  -append "console=ttyS0 reboot=t panic=-1 quiet root=host rootfstype=9p rootflags=trans=virtio,version=9p2000.L,msize=262144 ro init=$out/.kvm-box-init${tsc_khz:+ tsc_early_khz=$tsc_khz}" \
   -fsdev local,id=h,path=/,security_model=none,readonly=on,multidevs=remap \
   -device virtio-9p-device,fsdev=h,mount_tag=host \
   -fsdev local,id=o,path="$out",security_model=none,multidevs=remap \

@@ -1,5 +1,6 @@
 //! The complete description of one VM, fixed at start.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::str::FromStr;
 
@@ -7,6 +8,8 @@ use std::str::FromStr;
 pub const MAX_VCPUS: u8 = 32;
 /// Least memory the guest kernel and initramfs need.
 pub const MIN_MEM_MIB: u64 = 64;
+/// Longest virtio-fs tag: the size of the `tag` field of the device's configuration space.
+pub const MAX_SHARE_TAG_LEN: usize = 36;
 
 /// Everything `berth-vmm` needs to run a VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,6 +34,8 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// Whether to give the guest a virtio-balloon device with free page reporting.
     pub balloon: bool,
+    /// Host directories shared with the guest over virtio-fs, one device each.
+    pub shares: Vec<ShareConfig>,
 }
 
 /// One virtio-blk disk.
@@ -79,6 +84,46 @@ pub struct VsockConfig {
     pub uds_path: PathBuf,
 }
 
+/// One virtio-fs device, served by a vhost-user backend (`virtiofsd`) that is already listening.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShareConfig {
+    /// The name the guest mounts it by (`mount -t virtiofs TAG DIR`).
+    pub tag: String,
+    /// The backend's vhost-user socket.
+    pub socket: PathBuf,
+}
+
+impl ShareConfig {
+    /// Checks that `tag` fits the device's configuration space and reads back as itself: not
+    /// empty, at most [`MAX_SHARE_TAG_LEN`] bytes, no NUL (which would end it early).
+    pub fn check_tag(tag: &str) -> Result<(), ConfigError> {
+        if tag.is_empty() || tag.len() > MAX_SHARE_TAG_LEN || tag.contains('\0') {
+            return Err(ConfigError::ShareTag(tag.to_owned()));
+        }
+        Ok(())
+    }
+}
+
+/// `TAG=SOCKET`, as `--share` takes it. The tag ends at the first `=`; the socket path is the
+/// rest, so it may contain `=` itself.
+impl FromStr for ShareConfig {
+    type Err = ConfigError;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        let Some((tag, socket)) = value.split_once('=') else {
+            return Err(ConfigError::ShareSyntax(value.to_owned()));
+        };
+        if socket.is_empty() {
+            return Err(ConfigError::ShareSyntax(value.to_owned()));
+        }
+        Self::check_tag(tag)?;
+        Ok(Self {
+            tag: tag.to_owned(),
+            socket: PathBuf::from(socket),
+        })
+    }
+}
+
 /// Errors of [`VmConfig::validate`].
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -97,6 +142,15 @@ pub enum ConfigError {
     /// A disk image is a directory or another file that cannot hold sectors.
     #[error("disk image {} is not a regular file or block device", .0.display())]
     DiskNotAFile(PathBuf),
+    /// A share is not written `TAG=SOCKET`.
+    #[error("share {0:?} is not TAG=SOCKET")]
+    ShareSyntax(String),
+    /// A share tag is empty, too long or has a NUL.
+    #[error("share tag {0:?} must be 1 to {MAX_SHARE_TAG_LEN} bytes without NUL")]
+    ShareTag(String),
+    /// Two shares have the same tag, so the guest could mount only one of them.
+    #[error("share tag {0:?} is given twice")]
+    DuplicateShareTag(String),
 }
 
 impl VmConfig {
@@ -113,7 +167,19 @@ impl VmConfig {
                 return Err(ConfigError::GuestCid(vsock.guest_cid));
             }
         }
-        self.disks.iter().try_for_each(DiskConfig::validate)
+        self.disks.iter().try_for_each(DiskConfig::validate)?;
+        self.validate_shares()
+    }
+
+    fn validate_shares(&self) -> Result<(), ConfigError> {
+        let mut tags = HashSet::new();
+        for share in &self.shares {
+            ShareConfig::check_tag(&share.tag)?;
+            if !tags.insert(share.tag.as_str()) {
+                return Err(ConfigError::DuplicateShareTag(share.tag.clone()));
+            }
+        }
+        Ok(())
     }
 
     /// Guest memory in bytes.
@@ -158,6 +224,10 @@ mod tests {
             rng: true,
             disks: Vec::new(),
             balloon: true,
+            shares: vec![ShareConfig {
+                tag: "home".into(),
+                socket: "/tmp/fs.sock".into(),
+            }],
         }
     }
 
@@ -289,5 +359,82 @@ mod tests {
     fn parse_disk_without_path_fails() {
         assert_eq!(",ro".parse::<DiskConfig>(), Err(ParseDiskError::EmptyPath));
         assert_eq!("".parse::<DiskConfig>(), Err(ParseDiskError::EmptyPath));
+    }
+
+    #[test]
+    fn validate_duplicate_share_tags_fails() {
+        let share = ShareConfig {
+            tag: "home".into(),
+            socket: "/tmp/fs.sock".into(),
+        };
+        let config = VmConfig {
+            shares: vec![share.clone(), share],
+            ..config()
+        };
+
+        assert_eq!(
+            config.validate(),
+            Err(ConfigError::DuplicateShareTag("home".into()))
+        );
+    }
+
+    #[test]
+    fn validate_share_tag_too_long_fails() {
+        let tag = "t".repeat(MAX_SHARE_TAG_LEN + 1);
+        let config = VmConfig {
+            shares: vec![ShareConfig {
+                tag: tag.clone(),
+                socket: "/tmp/fs.sock".into(),
+            }],
+            ..config()
+        };
+
+        assert_eq!(config.validate(), Err(ConfigError::ShareTag(tag)));
+    }
+
+    #[test]
+    fn share_from_str_splits_at_the_first_equals_sign() {
+        let share: ShareConfig = "home=/run/fs=1.sock".parse().unwrap();
+
+        assert_eq!(
+            share,
+            ShareConfig {
+                tag: "home".into(),
+                socket: "/run/fs=1.sock".into(),
+            }
+        );
+    }
+
+    #[test]
+    fn share_from_str_without_equals_sign_fails() {
+        assert_eq!(
+            "home".parse::<ShareConfig>(),
+            Err(ConfigError::ShareSyntax("home".into()))
+        );
+    }
+
+    #[test]
+    fn share_from_str_without_socket_fails() {
+        assert_eq!(
+            "home=".parse::<ShareConfig>(),
+            Err(ConfigError::ShareSyntax("home=".into()))
+        );
+    }
+
+    #[test]
+    fn share_from_str_empty_tag_fails() {
+        assert_eq!(
+            "=/run/fs.sock".parse::<ShareConfig>(),
+            Err(ConfigError::ShareTag(String::new()))
+        );
+    }
+
+    #[test]
+    fn share_from_str_tag_of_36_bytes_passes() {
+        let tag = "t".repeat(MAX_SHARE_TAG_LEN);
+
+        let share = format!("{tag}=/run/fs.sock").parse::<ShareConfig>();
+
+        assert_eq!(share.map(|s| s.tag), Ok(tag));
     }
 }

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use berth_vmm::config::{DiskConfig, VmConfig, VsockConfig};
+use berth_vmm::config::{DiskConfig, ShareConfig, VmConfig, VsockConfig};
 use berth_vmm::exit::EXIT_VMM_ERROR;
 
 /// Boot a Berth guest under KVM and run it until it powers off.
@@ -40,6 +40,10 @@ struct Args {
     /// Do not give the guest a virtio-rng device.
     #[arg(long)]
     no_rng: bool,
+    /// A virtio-fs device named TAG, served by the vhost-user backend (virtiofsd) listening on
+    /// SOCKET. Repeatable.
+    #[arg(long = "share", value_name = "TAG=SOCKET")]
+    shares: Vec<ShareConfig>,
     /// A raw disk image as virtio-blk, read-only with `,ro`; repeat for more disks, in guest
     /// order (/dev/vda, /dev/vdb, ...).
     #[arg(long = "disk", value_name = "PATH[,ro]")]
@@ -63,6 +67,7 @@ impl Args {
             }),
             console_log: self.console_log,
             rng: !self.no_rng,
+            shares: self.shares,
             disks: self.disks,
             balloon: self.balloon,
         }

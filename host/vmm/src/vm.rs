@@ -2,7 +2,7 @@
 //!
 //! Boot flow: validate the config → block termination signals → open KVM, create the VM with
 //! an in-kernel irqchip and PIT → map guest memory → load kernel and initramfs → wire the
-//! devices (console, i8042, virtio: vsock, disks in order, rng, balloon) → write command line,
+//! devices (console, i8042, virtio: vsock, disks in order, rng, balloon, shares) → write command line,
 //! PVH start info, MP table and GDT → create and start the vCPUs → run the event loop until
 //! the guest stops or a signal arrives.
 
@@ -24,8 +24,10 @@ use crate::config::{ConfigError, VmConfig};
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::event_loop::{self, ControlFds, EventLoopError};
 use crate::exit::VmOutcome;
+use crate::memory::{create_guest_memory, MemoryError};
 use crate::signals::SignalFd;
 use crate::vcpu::{self, VcpuError};
+use crate::vhost_user_fs::{VhostUserFs, VhostUserFsError};
 use crate::x86_64::layout::{ram_regions, CMDLINE_MAX_SIZE, KVM_TSS_START};
 use crate::x86_64::mptable::{self, MptableError};
 use crate::x86_64::regs::{self, RegsError};
@@ -47,7 +49,7 @@ pub enum VmError {
     Kvm(&'static str, #[source] kvm_ioctls::Error),
     /// Guest memory could not be allocated.
     #[error("cannot allocate guest memory")]
-    Memory(#[source] vm_memory::mmap::FromRangesError),
+    Memory(#[source] MemoryError),
     /// Loading the guest failed.
     #[error(transparent)]
     Boot(#[from] BootError),
@@ -93,6 +95,9 @@ pub enum VmError {
     /// The event loop failed.
     #[error(transparent)]
     EventLoop(#[from] EventLoopError),
+    /// A virtio-fs device could not be created.
+    #[error("cannot create the virtio-fs device {0:?}")]
+    Share(String, #[source] VhostUserFsError),
 }
 
 /// Boots the VM described by `config` and runs it to its end.
@@ -121,7 +126,7 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmError> {
         .into_iter()
         .map(|(start, size)| (GuestAddress(start), size as usize))
         .collect();
-    let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(VmError::Memory)?;
+    let mem = create_guest_memory(&ranges).map_err(VmError::Memory)?;
     register_memory(&vm, &mem)?;
 
     let (entry, kernel_end) = boot::load_kernel(&mem, &config.kernel)?;
@@ -178,6 +183,12 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmError> {
         let balloon = Balloon::new().map_err(VmError::Balloon)?;
         let balloon = Arc::new(Mutex::new(balloon));
         devices.register_mmio_virtio(&vm, &mem, &mut cmdline, "balloon", balloon)?;
+    }
+    for share in &config.shares {
+        // A backend that cannot be reached leaves the device broken, not the VM unbootable.
+        let fs = VhostUserFs::new(share).map_err(|e| VmError::Share(share.tag.clone(), e))?;
+        let name = format!("fs {}", share.tag);
+        devices.register_mmio_virtio(&vm, &mem, &mut cmdline, &name, Arc::new(Mutex::new(fs)))?;
     }
 
     boot::write_boot_info(&mem, mem_size, &cmdline, initramfs)?;

@@ -77,6 +77,9 @@ pub enum ActivateError {
     /// The device was already active.
     #[error("device is already active")]
     AlreadyActive,
+    /// The process serving the device (a vhost-user backend) refused or failed the set-up.
+    #[error("the device backend failed")]
+    Backend(#[source] io::Error),
 }
 
 /// A virtio device model, independent of its transport.
