@@ -263,24 +263,29 @@ pub struct BackendChoice {
 /// The variable that forces a backend (`qemu` or `vmm`).
 pub const BACKEND_ENV: &str = "BERTH_BACKEND";
 
+/// Whether hosts with hardware KVM get `berth-vmm` when nothing is forced. Not yet: under
+/// `berth-vmm` the guest has no network uplink (no virtio-net), so containers would lose the
+/// outbound network QEMU's user-mode stack gives them. Until then `BERTH_BACKEND=vmm` opts in.
+const VMM_BY_DEFAULT: bool = false;
+
 /// Picks the backend and accelerator for this host and says why.
 ///
-/// `berth-vmm` where hardware KVM boots a stock kernel and the VMM is installed; otherwise
-/// QEMU, with KVM where it works and TCG elsewhere (including PVM-only hosts, whose KVM runs
-/// only PVM-patched guests). `BERTH_BACKEND=qemu|vmm` overrides the choice.
+/// QEMU, with KVM where hardware KVM boots a stock kernel and TCG elsewhere (including
+/// PVM-only hosts, whose KVM runs only PVM-patched guests); `berth-vmm` when
+/// `BERTH_BACKEND=vmm` (see [`VMM_BY_DEFAULT`] and [`prefer_vmm`]).
 pub fn select_backend() -> BackendChoice {
     let kvm = probe_kvm();
     let forced = std::env::var(BACKEND_ENV).ok();
     let vmm = vmm::VmmBackend::new();
-    let use_vmm = match forced.as_deref() {
-        Some("vmm") => true,
-        Some("qemu") => false,
-        Some(other) => {
-            warn!("{BACKEND_ENV}={other} is not a backend (qemu or vmm); choosing by host");
-            kvm == KvmSupport::Hardware && vmm.program().is_file()
-        }
-        None => kvm == KvmSupport::Hardware && vmm.program().is_file(),
-    };
+    if let Some(other) = forced.as_deref().filter(|f| !matches!(*f, "qemu" | "vmm")) {
+        warn!("{BACKEND_ENV}={other} is not a backend (qemu or vmm); choosing by host");
+    }
+    let use_vmm = prefer_vmm(
+        forced.as_deref(),
+        kvm == KvmSupport::Hardware,
+        vmm.program().is_file(),
+        VMM_BY_DEFAULT,
+    );
     let backend: Box<dyn VmBackend + Send + Sync> = if use_vmm {
         Box::new(vmm)
     } else {
@@ -295,6 +300,16 @@ pub fn select_backend() -> BackendChoice {
         .unwrap_or_default();
     let reason = format!("{}; using {}{forced}", kvm.explain(), backend.describe());
     BackendChoice { backend, reason }
+}
+
+/// The backend decision: a forced `qemu` or `vmm` wins; otherwise `berth-vmm` only where
+/// hardware KVM works, the VMM is installed and it is the default.
+fn prefer_vmm(forced: Option<&str>, hardware_kvm: bool, installed: bool, by_default: bool) -> bool {
+    match forced {
+        Some("vmm") => true,
+        Some("qemu") => false,
+        _ => by_default && hardware_kvm && installed,
+    }
 }
 
 /// What is recorded on disk about a running VM, so other processes can find it.
@@ -653,6 +668,24 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prefer_vmm_forced_vmm_wins_even_without_hardware_kvm() {
+        assert!(prefer_vmm(Some("vmm"), false, false, false));
+    }
+
+    #[test]
+    fn prefer_vmm_forced_qemu_wins_over_the_default() {
+        assert!(!prefer_vmm(Some("qemu"), true, true, true));
+    }
+
+    #[test]
+    fn prefer_vmm_by_default_needs_hardware_kvm_and_the_program() {
+        assert!(prefer_vmm(None, true, true, true));
+        assert!(!prefer_vmm(None, false, true, true));
+        assert!(!prefer_vmm(Some("bogus"), true, false, true));
+        assert!(!prefer_vmm(None, true, true, false));
+    }
 
     fn config(dir: &Path) -> VmConfig {
         VmConfig {
