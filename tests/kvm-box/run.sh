@@ -58,6 +58,7 @@ mount -t sysfs sys /sys
 mountpoint -q /dev || mount -t devtmpfs dev /dev
 mkdir -p /dev/pts /dev/shm
 mount -t devpts -o newinstance,ptmxmode=0666,mode=0620 devpts /dev/pts
+ln -sfn /proc/self/fd /dev/fd
 mount -t tmpfs shm /dev/shm
 mount -t tmpfs run /run
 # The host's /tmp stays visible (a checkout may live there); scratch space goes to tmpfs.
