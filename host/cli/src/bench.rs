@@ -404,7 +404,7 @@ fn bench_boot(
     for run in 0..runs {
         // Interleaved so drifting machine load hits both sides alike.
         let config = vm_config(size, work.path().join(format!("vm-{run}")));
-        berth.push(boot_berth(choice.backend.as_ref(), &config)?);
+        berth.push(boot_measured(choice.backend.as_ref(), &config)?.boot);
         let anchor_config = VmConfig {
             initramfs: anchor_initramfs.clone(),
             state_dir: work.path().join(format!("anchor-{run}")),
@@ -531,14 +531,6 @@ fn rss_beyond(smaps: &str, guest_kib: u64) -> u64 {
 fn median_u64(mut values: Vec<u64>) -> u64 {
     values.sort_unstable();
     values.get(values.len() / 2).copied().unwrap_or(0)
-}
-
-fn boot_berth(backend: &dyn VmBackend, config: &VmConfig) -> anyhow::Result<Duration> {
-    let started = Instant::now();
-    let (vm, _agent) = Vm::start(backend, config).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
-    let elapsed = started.elapsed();
-    vm.stop(Duration::from_secs(30));
-    Ok(elapsed)
 }
 
 fn boot_anchor(qemu: &Path, accel: Accel, config: &VmConfig) -> anyhow::Result<Duration> {
