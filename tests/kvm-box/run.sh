@@ -34,6 +34,11 @@ if [[ -z $busybox ]] || ! file -L "$busybox" | grep -q 'statically linked'; then
   exit 2
 fi
 
+# One box at a time: two TCG boxes side by side starve each other's nested guests (L2 timers
+# stall under load), so a second caller waits here for the first to finish.
+exec 9>"${TMPDIR:-/tmp}/berth-kvm-box.lock"
+flock 9
+
 work=$(mktemp -d /tmp/kvm-box.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 out=${out:-$work/out}
@@ -68,6 +73,12 @@ mount -t cgroup2 -o nsdelegate cgroup2 /sys/fs/cgroup
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 out $out
 hostname kvm-box
 ip link set lo up 2>/dev/null
+# An uplink through QEMU's user-mode stack, with slirp's fixed addresses: a user-mode network
+# stack in L1 (passt, behind berth-vmm's virtio-net) needs an interface with a default route.
+if ip link set eth0 up 2>/dev/null; then
+  ip addr add 10.0.2.15/24 dev eth0
+  ip route add default via 10.0.2.2
+fi
 echo "kvm-box: L1 up, /dev/kvm: \$(ls -l /dev/kvm 2>&1)"
 /bin/sh $out/.kvm-box-cmd
 echo "KVM_BOX_EXIT=\$?"
@@ -90,6 +101,7 @@ qemu-system-x86_64 \
   -serial stdio \
   -kernel "$kernel" \
   -append "console=ttyS0 reboot=t panic=-1 quiet root=host rootfstype=9p rootflags=trans=virtio,version=9p2000.L,msize=262144 ro init=$out/.kvm-box-init${tsc_khz:+ tsc_early_khz=$tsc_khz}" \
+  -netdev user,id=uplink -device virtio-net-device,netdev=uplink \
   -fsdev local,id=h,path=/,security_model=none,readonly=on,multidevs=remap \
   -device virtio-9p-device,fsdev=h,mount_tag=host \
   -fsdev local,id=o,path="$out",security_model=none,multidevs=remap \
