@@ -8,6 +8,8 @@ set -euo pipefail
 packages=(
   # The qemu backend and the boot benchmark's anchor.
   qemu-system-x86
+  # The user-mode network stack behind berth-vmm's virtio-net (the vmm backend's uplink).
+  passt
   # Guest kernel source and build dependencies.
   linux-source-6.12 flex bison bc libelf-dev libssl-dev cpio
   # Build checks (static agent) and test images.
