@@ -671,6 +671,7 @@ impl Containers {
                 (None, "transfer")
             }
             StreamKind::TcpForward(_) | StreamKind::UdpForward(_) => (None, "port forward"),
+            StreamKind::Discard | StreamKind::Zeros(_) => (None, "probe"),
         };
         drop(pending);
         let file = file.ok_or(ContainersError::NotAttachable(name))?;

@@ -23,7 +23,9 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use agent_protocol::{read_frame, write_frame, AgentError, StreamAccept, StreamHeader, StreamKind};
+use agent_protocol::{
+    read_frame, write_frame, AgentError, StreamAccept, StreamHeader, StreamKind, PROBE_WRITE_LEN,
+};
 use nix::sys::socket::{setsockopt, shutdown, sockopt, Shutdown};
 use nix::sys::time::{TimeVal, TimeValLike};
 use thiserror::Error;
@@ -114,6 +116,14 @@ fn serve(mut connection: File, containers: &Containers) {
         serve_forward(connection, header.kind, target);
         return;
     }
+    if let StreamKind::Discard | StreamKind::Zeros(_) = header.kind {
+        if accept(&mut connection, Ok(())).is_ok() {
+            if let Err(e) = serve_probe(connection, header.kind) {
+                console!("a probe stream ended early: {e}");
+            }
+        }
+        return;
+    }
     let end = containers
         .take_stream(&header, &connection)
         .map_err(|e| handlers::container_error(&e));
@@ -164,6 +174,27 @@ fn serve_forward(mut connection: File, kind: StreamKind, target: agent_protocol:
             }
         }
     }
+}
+
+/// A transport probe (`berth bench vsock`): swallow the host's bytes and answer their count,
+/// or send the zeros it asked for.
+fn serve_probe(mut connection: File, kind: StreamKind) -> io::Result<()> {
+    match kind {
+        StreamKind::Discard => {
+            let received = copy(&mut connection, &mut io::sink())?;
+            connection.write_all(&received.to_be_bytes())?;
+        }
+        StreamKind::Zeros(mut left) => {
+            let zeros = vec![0u8; PROBE_WRITE_LEN];
+            while left > 0 {
+                let n = usize::try_from(left).map_or(PROBE_WRITE_LEN, |l| l.min(PROBE_WRITE_LEN));
+                connection.write_all(&zeros[..n])?;
+                left -= n as u64;
+            }
+        }
+        _ => {}
+    }
+    shutdown(connection.as_raw_fd(), Shutdown::Write).map_err(io::Error::from)
 }
 
 fn read_header(connection: &mut File) -> Result<StreamHeader, StreamError> {
@@ -282,5 +313,36 @@ mod tests {
         host.read_to_end(&mut received).unwrap();
 
         assert_eq!(received, b"last words");
+    }
+
+    #[test]
+    fn discard_probe_answers_the_count_of_what_it_swallowed() {
+        let (agent, mut host) = UnixStream::pair().unwrap();
+        let probe = thread::spawn(move || {
+            serve_probe(File::from(OwnedFd::from(agent)), StreamKind::Discard)
+        });
+        let sent = vec![7u8; 3 * PROBE_WRITE_LEN + 5];
+        host.write_all(&sent).unwrap();
+        host.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut answer = Vec::new();
+        host.read_to_end(&mut answer).unwrap();
+
+        probe.join().unwrap().unwrap();
+        assert_eq!(answer, (sent.len() as u64).to_be_bytes());
+    }
+
+    #[test]
+    fn zeros_probe_sends_exactly_what_was_asked_then_half_closes() {
+        let (agent, mut host) = UnixStream::pair().unwrap();
+        let asked = 2 * PROBE_WRITE_LEN as u64 + 1;
+        let probe = thread::spawn(move || {
+            serve_probe(File::from(OwnedFd::from(agent)), StreamKind::Zeros(asked))
+        });
+        let mut received = Vec::new();
+        host.read_to_end(&mut received).unwrap();
+
+        probe.join().unwrap().unwrap();
+        assert_eq!(received.len() as u64, asked);
+        assert!(received.iter().all(|&b| b == 0));
     }
 }

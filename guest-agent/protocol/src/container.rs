@@ -246,7 +246,20 @@ pub enum StreamKind {
     /// Both ways: one UDP flow to the target, as datagrams framed by
     /// [`crate::network::write_datagram`].
     UdpForward(crate::ForwardTarget),
+    /// Host to agent, a transport probe: the agent reads and discards bytes until the host's
+    /// half-close, then answers their count ([`PROBE_COUNT_LEN`] bytes, big-endian) and closes.
+    /// `berth bench vsock` times it; the header's ids are ignored.
+    Discard,
+    /// Agent to host, a transport probe: the agent writes this many zero bytes,
+    /// [`PROBE_WRITE_LEN`] at a time, then half-closes.
+    Zeros(u64),
 }
+
+/// The size of the agent's writes on a [`StreamKind::Zeros`] probe.
+pub const PROBE_WRITE_LEN: usize = 64 * 1024;
+
+/// The bytes of the count that ends a [`StreamKind::Discard`] probe.
+pub const PROBE_COUNT_LEN: usize = 8;
 
 /// The first frame on a stream connection: what the connection belongs to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -92,6 +92,22 @@ pub enum BenchCommand {
         #[command(flatten)]
         daemon: DaemonArgs,
     },
+    /// Host⇄guest transport throughput each way in 64 KiB writes (the agent's probes over
+    /// vsock), against the same transfers over a unix socket pair on the host; under the vmm
+    /// backend, berth-vmm beside QEMU microvm on the same KVM.
+    Vsock {
+        /// Transfers each way, per VM; the medians are reported.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// MiB per transfer.
+        #[arg(long, default_value_t = 256)]
+        mib: u64,
+        #[command(flatten)]
+        size: VmSizeArgs,
+        /// Replace the `vsock` section of this markdown file with the results.
+        #[arg(long)]
+        record: Option<PathBuf>,
+    },
     /// Connection rate and throughput through a published port (host client to busybox
     /// httpd in a container), against the same client and server on the host's loopback.
     Ports {
@@ -161,6 +177,12 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
             let config = crate::bench_fs::FsBenchConfig { size_mib, files };
             crate::bench_fs::run(&config, &daemon.archive, &tools, daemon.record.as_deref())
         }
+        BenchCommand::Vsock {
+            runs,
+            mib,
+            size,
+            record,
+        } => crate::bench_vsock::run(runs, mib, &size, record.as_deref()),
         BenchCommand::Ports {
             requests,
             downloads,

@@ -8,6 +8,7 @@ mod bench_build;
 mod bench_container;
 mod bench_fs;
 mod bench_ports;
+mod bench_vsock;
 
 use std::io::Write;
 use std::path::PathBuf;
