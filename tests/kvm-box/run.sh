@@ -63,7 +63,11 @@ mount -t sysfs sys /sys
 mountpoint -q /dev || mount -t devtmpfs dev /dev
 mkdir -p /dev/pts /dev/shm
 mount -t devpts -o newinstance,ptmxmode=0666,mode=0620 devpts /dev/pts
+# What udev would add to devtmpfs; tools write to /dev/stderr (curl -o /dev/stderr).
 ln -sfn /proc/self/fd /dev/fd
+ln -sfn /proc/self/fd/0 /dev/stdin
+ln -sfn /proc/self/fd/1 /dev/stdout
+ln -sfn /proc/self/fd/2 /dev/stderr
 mount -t tmpfs shm /dev/shm
 mount -t tmpfs run /run
 # The host's /tmp stays visible (a checkout may live there); scratch space goes to tmpfs.
