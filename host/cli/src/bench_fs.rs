@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use berth_engine::select_backend;
+use berth_engine::vm::{BackendKind, VmBackend};
 
 use crate::bench::{docker, median, record_section, start_daemon, RunTools};
 
@@ -128,10 +129,16 @@ pub fn run(
     }
     docker(tools, &socket, &["rm", "-f", "fsbench"])?;
     drop(daemon);
-    let markdown = report(config, &rows, overhead);
+    let backend = select_backend().backend;
+    let markdown = report(config, &rows, overhead, backend.as_ref());
     println!("{markdown}");
     if let Some(path) = record {
-        record_section(path, "fs", &markdown)?;
+        // Figures on berth-vmm (the KVM box) and on QEMU are kept apart.
+        let section = match backend.kind() {
+            BackendKind::Vmm => "vmm-fs",
+            BackendKind::Qemu => "fs",
+        };
+        record_section(path, section, &markdown)?;
         eprintln!("recorded in {}", path.display());
     }
     Ok(())
@@ -159,7 +166,12 @@ struct Row {
     native: Duration,
 }
 
-fn report(config: &FsBenchConfig, rows: &[Row], overhead: Duration) -> String {
+fn report(
+    config: &FsBenchConfig,
+    rows: &[Row],
+    overhead: Duration,
+    backend: &dyn VmBackend,
+) -> String {
     let mut text = format!(
         "Command: `berth bench fs --size-mib {} --files {} --archive <busybox.tar> --record docs/benchmarks.md`\n\n\
          | workload | container, bind mount | native, same host dir | bind vs native | container, own root (data disk) | bind vs own root |\n|---|---|---|---|---|---|\n",
@@ -176,7 +188,6 @@ fn report(config: &FsBenchConfig, rows: &[Row], overhead: Duration) -> String {
             row.rootfs.as_millis()
         ));
     }
-    let backend = select_backend().backend;
     text.push_str(&format!(
         "\nAccelerator: {:?}, {}. Speeds are time ratios (100% = as fast). The own root is the \
          container's overlayfs, whose upper layer is on the guest's ext4 data disk (virtio-blk): \

@@ -70,6 +70,11 @@ pub fn run(runs: usize, mib: u64, size: &VmSizeArgs, record: Option<&Path>) -> a
     let work = tempfile::tempdir().context("creating a scratch directory")?;
     let choice = select_backend();
     eprintln!("bench vsock: {}", choice.reason);
+    // Figures on berth-vmm (the KVM box) and on QEMU alone are kept apart.
+    let section = match choice.backend.kind() {
+        BackendKind::Vmm => "vmm-vsock",
+        BackendKind::Qemu => "vsock",
+    };
     let mut sides: Vec<(String, Box<dyn VmBackend + Send + Sync>)> = Vec::new();
     if choice.backend.kind() == BackendKind::Vmm {
         sides.push(("berth-vmm".into(), choice.backend));
@@ -107,7 +112,7 @@ pub fn run(runs: usize, mib: u64, size: &VmSizeArgs, record: Option<&Path>) -> a
     let markdown = report(&columns, &native, runs, mib, size);
     println!("{markdown}");
     if let Some(path) = record {
-        record_section(path, "vsock", &markdown)?;
+        record_section(path, section, &markdown)?;
         eprintln!("recorded in {}", path.display());
     }
     Ok(())
