@@ -11,6 +11,8 @@
 #      surviving a reboot of the VM; the balloon's free page reporting.
 #   4. vmm-virtiofs.sh: a file crosses virtio-fs (virtiofsd behind our vhost-user frontend)
 #      both ways.
+#   5. The VM container suite (tests/tests/vm_containers.rs) and the docker CLI suite
+#      (host/daemon/tests/docker_cli.rs) under BERTH_BACKEND=vmm: what a user sees, on berth-vmm.
 #
 # L2 runs slowly here (every exit of the nested guest is emulated), so the parts carry long
 # timeouts; on a host with hardware KVM the same scenarios run directly and fast.
@@ -20,18 +22,28 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$repo"
 step() { printf '\n--> vmm suite: %s\n' "$*"; }
 
-cargo build --quiet --locked -p berth-vmm
-binary=$(cargo test --quiet --locked -p berth-tests --test vm_qemu --no-run \
-  --message-format=json 2>/dev/null |
-  python3 -c '
+cargo build --quiet --locked -p berth-vmm -p berth-daemon
+# The executable of integration test TEST of PACKAGE, built if needed.
+test_binary() {
+  cargo test --quiet --locked -p "$1" --test "$2" --no-run --message-format=json 2>/dev/null |
+    python3 -c '
 import json, sys
 for line in sys.stdin:
     message = json.loads(line)
     if message.get("reason") == "compiler-artifact" and message.get("executable") \
-            and message["target"]["name"] == "vm_qemu":
+            and message["target"]["name"] == sys.argv[1]:
         print(message["executable"])
-')
-[[ -n $binary ]] || { echo "vmm-suite: cannot find the vm_qemu test binary" >&2; exit 1; }
+' "$2"
+}
+vm_qemu=$(test_binary berth-tests vm_qemu)
+vm_containers=$(test_binary berth-tests vm_containers)
+docker_cli=$(test_binary berth-daemon docker_cli)
+for binary in "$vm_qemu" "$vm_containers" "$docker_cli"; do
+  [[ -n $binary ]] || { echo "vmm-suite: cannot find a test binary" >&2; exit 1; }
+done
+# What every test run under the vmm backend inside the box gets.
+vmm_env=(env CI=true BERTH_BACKEND=vmm BERTH_TEST_BOOT_TIMEOUT=900
+  BERTH_VMM="$repo/target/debug/berth-vmm")
 
 step "exit codes"
 tests/kvm-box/vmm-exit.sh
@@ -39,8 +51,7 @@ tests/kvm-box/vmm-exit.sh
 step "agent handshake and boot failures under the vmm backend"
 out=$(mktemp -d /tmp/berth-vmm-suite.XXXXXX)
 trap 'rm -rf "$out"' EXIT
-tests/kvm-box/run.sh --out "$out" -- env CI=true BERTH_BACKEND=vmm BERTH_TEST_BOOT_TIMEOUT=900 \
-  BERTH_VMM="$repo/target/debug/berth-vmm" "$binary" --test-threads 1
+tests/kvm-box/run.sh --out "$out" -- "${vmm_env[@]}" "$vm_qemu" --test-threads 1
 
 step "virtio-blk and balloon"
 tests/kvm-box/vmm-disk-balloon.sh
@@ -49,3 +60,9 @@ if [[ -x tests/kvm-box/vmm-virtiofs.sh ]]; then
   step "virtio-fs"
   tests/kvm-box/vmm-virtiofs.sh
 fi
+
+step "the VM container suite under the vmm backend"
+tests/kvm-box/run.sh --out "$out" -- "${vmm_env[@]}" "$vm_containers" --test-threads 1
+
+step "the docker CLI suite under the vmm backend"
+tests/kvm-box/run.sh --mem 3G --out "$out" -- "${vmm_env[@]}" "$docker_cli" --test-threads 1

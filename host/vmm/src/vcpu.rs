@@ -208,7 +208,20 @@ fn run(vcpu: &mut VcpuFd, pio: &Bus, mmio: &Bus) -> Result<GuestStop, VcpuError>
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
             Err(e) => return Err(VcpuError::Run(e)),
         };
+        let triple_fault = matches!(exit, VcpuExit::Shutdown);
         if let ExitAction::Stop(stop) = handle_exit(exit, pio, mmio)? {
+            if triple_fault {
+                // With `reboot=t` a triple fault is also how the guest reboots, so it ends the
+                // VM cleanly; where it stopped tells a reboot from a crash when one surprises.
+                match vcpu.get_regs() {
+                    Ok(regs) => tracing::info!(
+                        "triple fault (a reboot=t reboot, or a crash) at rip {:#x} rsp {:#x}",
+                        regs.rip,
+                        regs.rsp
+                    ),
+                    Err(e) => tracing::info!("triple fault; cannot read the registers: {e}"),
+                }
+            }
             return Ok(stop);
         }
     }
