@@ -13,6 +13,8 @@
 #      both ways.
 #   5. The VM container suite (tests/tests/vm_containers.rs) and the docker CLI suite
 #      (host/daemon/tests/docker_cli.rs) under BERTH_BACKEND=vmm: what a user sees, on berth-vmm.
+#   6. A container reaches a server on the host's loopback through the guest's uplink
+#      (berth-vmm's virtio-net, passt on the host side).
 #
 # L2 runs slowly here (every exit of the nested guest is emulated), so the parts carry long
 # timeouts; on a host with hardware KVM the same scenarios run directly and fast.
@@ -38,7 +40,8 @@ for line in sys.stdin:
 vm_qemu=$(test_binary berth-tests vm_qemu)
 vm_containers=$(test_binary berth-tests vm_containers)
 docker_cli=$(test_binary berth-daemon docker_cli)
-for binary in "$vm_qemu" "$vm_containers" "$docker_cli"; do
+docker_network=$(test_binary berth-daemon docker_network)
+for binary in "$vm_qemu" "$vm_containers" "$docker_cli" "$docker_network"; do
   [[ -n $binary ]] || { echo "vmm-suite: cannot find a test binary" >&2; exit 1; }
 done
 # What every test run under the vmm backend inside the box gets.
@@ -66,3 +69,7 @@ tests/kvm-box/run.sh --out "$out" -- "${vmm_env[@]}" "$vm_containers" --test-thr
 
 step "the docker CLI suite under the vmm backend"
 tests/kvm-box/run.sh --mem 3G --out "$out" -- "${vmm_env[@]}" "$docker_cli" --test-threads 1
+
+step "outbound traffic under the vmm backend (virtio-net behind passt)"
+tests/kvm-box/run.sh --mem 3G --out "$out" -- "${vmm_env[@]}" "$docker_network" --test-threads 1 \
+  --exact a_container_reaches_a_server_on_the_hosts_loopback_by_the_host_alias

@@ -263,16 +263,16 @@ pub struct BackendChoice {
 /// The variable that forces a backend (`qemu` or `vmm`).
 pub const BACKEND_ENV: &str = "BERTH_BACKEND";
 
-/// Whether hosts with hardware KVM get `berth-vmm` when nothing is forced. Not yet: under
-/// `berth-vmm` the guest has no network uplink (no virtio-net), so containers would lose the
-/// outbound network QEMU's user-mode stack gives them. Until then `BERTH_BACKEND=vmm` opts in.
-const VMM_BY_DEFAULT: bool = false;
+/// Whether hosts with hardware KVM get `berth-vmm` when nothing is forced (and it and passt are
+/// installed).
+const VMM_BY_DEFAULT: bool = true;
 
 /// Picks the backend and accelerator for this host and says why.
 ///
-/// QEMU, with KVM where hardware KVM boots a stock kernel and TCG elsewhere (including
-/// PVM-only hosts, whose KVM runs only PVM-patched guests); `berth-vmm` when
-/// `BERTH_BACKEND=vmm` (see [`VMM_BY_DEFAULT`] and [`prefer_vmm`]).
+/// `berth-vmm` where hardware KVM boots a stock kernel and it is installed with passt; QEMU
+/// otherwise, with KVM where hardware KVM works and TCG elsewhere (including PVM-only hosts,
+/// whose KVM runs only PVM-patched guests). `BERTH_BACKEND=qemu|vmm` forces one (see
+/// [`VMM_BY_DEFAULT`] and [`prefer_vmm`]).
 pub fn select_backend() -> BackendChoice {
     let kvm = probe_kvm();
     let forced = std::env::var(BACKEND_ENV).ok();
@@ -283,7 +283,7 @@ pub fn select_backend() -> BackendChoice {
     let use_vmm = prefer_vmm(
         forced.as_deref(),
         kvm == KvmSupport::Hardware,
-        vmm.program().is_file(),
+        vmm.installed(),
         VMM_BY_DEFAULT,
     );
     let backend: Box<dyn VmBackend + Send + Sync> = if use_vmm {
