@@ -11,6 +11,9 @@
 #      surviving a reboot of the VM; the balloon's free page reporting.
 #   4. vmm-virtiofs.sh: a file crosses virtio-fs (virtiofsd behind our vhost-user frontend)
 #      both ways.
+#   5. vmm-net.sh: virtio-net behind passt: a download and an upload through passt to a
+#      server on L1's loopback, checked by hash, throughput printed, and the link going down
+#      (the VM still running) when passt is killed.
 #
 # L2 runs slowly here (every exit of the nested guest is emulated), so the parts carry long
 # timeouts; on a host with hardware KVM the same scenarios run directly and fast.
@@ -49,3 +52,6 @@ if [[ -x tests/kvm-box/vmm-virtiofs.sh ]]; then
   step "virtio-fs"
   tests/kvm-box/vmm-virtiofs.sh
 fi
+
+step "virtio-net behind passt"
+tests/kvm-box/vmm-net.sh
