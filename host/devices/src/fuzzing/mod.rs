@@ -30,6 +30,7 @@ use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
@@ -779,7 +780,13 @@ pub fn net_round(rng: &mut GuestRng) {
             let _ = match rng.below(3) {
                 0 => device.process_rx(),
                 1 => device.process_tx(),
-                _ => device.process_socket(peer.is_none()),
+                _ => {
+                    let any = EventSet::from_bits_truncate(rng.next_u64() as u32);
+                    let set = EventSet::IN | EventSet::OUT;
+                    let hang_up = EventSet::IN | EventSet::HANG_UP;
+                    let events = rng.pick(&[set, EventSet::IN, EventSet::OUT, hang_up, any]);
+                    device.process_socket(events)
+                }
             };
             if let Some(socket) = &mut peer {
                 let mut sink = [0u8; 64 * 1024];

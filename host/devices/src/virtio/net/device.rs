@@ -8,6 +8,7 @@ use std::sync::Arc;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestMemory, GuestMemoryError, Permissions};
+use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::stream::{FrameStream, StreamError};
@@ -121,16 +122,24 @@ impl<S: NetSocket> Net<S> {
         self.stats
     }
 
-    /// Handles readiness of the backend socket: reads frames into RX chains, writes pending TX
-    /// bytes and takes more TX chains. `hang_up` says the socket reported a hang-up or error.
-    pub fn process_socket(&mut self, hang_up: bool) -> Result<(), NetError> {
-        self.stream.mark_readable();
-        if hang_up && self.active.is_none() {
-            // Nothing can read the rest before activation; the backend is gone either way.
-            self.link_down(&StreamError::Closed)?;
+    /// Handles `events` the backend socket reported: on input (or a hang-up) reads frames into
+    /// RX chains; on output, if TX bytes are waiting, writes them and takes more TX chains.
+    pub fn process_socket(&mut self, events: EventSet) -> Result<(), NetError> {
+        let hang_up = events.intersects(EventSet::HANG_UP | EventSet::ERROR);
+        if events.contains(EventSet::IN) || hang_up {
+            self.stream.mark_readable();
+            if hang_up && self.active.is_none() {
+                // Nothing can read the rest before activation; the backend is gone either way.
+                self.link_down(&StreamError::Closed)?;
+            }
+            self.process_rx()?;
         }
-        self.process_rx()?;
-        self.process_tx()
+        // The writable edge comes each time the backend reads; only a device holding bytes
+        // (and maybe refusing chains) has anything to do then.
+        if (events.contains(EventSet::OUT) && self.stream.tx_pending() > 0) || hang_up {
+            self.process_tx()?;
+        }
+        Ok(())
     }
 
     /// Moves frames from the backend into the guest's RX chains until either runs out.

@@ -32,7 +32,7 @@ impl<S: NetSocket> EventSubscriber for Net<S> {
             let _ = self.queue_event(TX_QUEUE).read();
             self.process_tx()
         } else {
-            self.process_socket(events.intersects(EventSet::HANG_UP | EventSet::ERROR))
+            self.process_socket(events)
         };
         if let Err(e) = result {
             tracing::error!("virtio-net: {e}");

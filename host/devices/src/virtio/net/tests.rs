@@ -3,6 +3,7 @@
 use std::io::{ErrorKind, Read, Write};
 
 use vm_memory::Bytes;
+use vmm_sys_util::epoll::EventSet;
 
 use super::test_utils::{
     activated, drain_peer, frame, framed, mock_queues, read_guest, read_peer, unread_bytes,
@@ -240,7 +241,7 @@ fn tx_backpressure_stops_taking_chains_until_peer_drains() {
     for _ in 0..100 {
         received.extend(drain_peer(&mut peer));
         // What the event loop does on the socket's writable edge.
-        net.process_socket(false).unwrap();
+        net.process_socket(EventSet::OUT).unwrap();
         if used_count(&tx) == CHAINS && net.stats().tx_frames == u64::from(CHAINS) {
             received.extend(drain_peer(&mut peer));
             if received.len() == usize::from(CHAINS) * (4 + BIG) {
@@ -269,7 +270,7 @@ fn rx_frame_from_peer_lands_in_guest_buffer_after_header() {
     let sent = frame(FRAME, 9);
     peer.write_all(&framed(&sent)).unwrap();
 
-    net.process_socket(false).unwrap();
+    net.process_socket(EventSet::IN).unwrap();
 
     assert_eq!(used(&rx, 0), (0, (NET_HDR_SIZE + FRAME) as u32));
     assert_eq!(read_guest(&mem, RX_BUF, NET_HDR_SIZE), RX_HEADER);
@@ -293,7 +294,7 @@ fn rx_several_frames_in_one_read_each_fill_a_chain() {
     peer.write_all(&frames.iter().flat_map(|f| framed(f)).collect::<Vec<u8>>())
         .unwrap();
 
-    net.process_socket(false).unwrap();
+    net.process_socket(EventSet::IN).unwrap();
 
     for (i, sent) in frames.iter().enumerate() {
         assert_eq!(used(&rx, i), (i as u32, (NET_HDR_SIZE + sent.len()) as u32));
@@ -310,13 +311,13 @@ fn rx_frame_split_across_reads_is_delivered_once_complete() {
     let (mut net, mut peer, _interrupt) = activated(&mem, &rx, &tx);
     let sent = framed(&frame(FRAME, 10));
     peer.write_all(&sent[..2]).unwrap();
-    net.process_socket(false).unwrap();
+    net.process_socket(EventSet::IN).unwrap();
     peer.write_all(&sent[2..500]).unwrap();
-    net.process_socket(false).unwrap();
+    net.process_socket(EventSet::IN).unwrap();
     let used_before_rest = used_count(&rx);
     peer.write_all(&sent[500..]).unwrap();
 
-    net.process_socket(false).unwrap();
+    net.process_socket(EventSet::IN).unwrap();
 
     assert_eq!(used_before_rest, 0);
     assert_eq!(used(&rx, 0), (0, (NET_HDR_SIZE + FRAME) as u32));
@@ -333,7 +334,7 @@ fn rx_chain_with_readable_descriptor_is_returned_and_frame_goes_to_next() {
     let sent = frame(FRAME, 11);
     peer.write_all(&framed(&sent)).unwrap();
 
-    net.process_socket(false).unwrap();
+    net.process_socket(EventSet::IN).unwrap();
 
     assert_eq!(used(&rx, 0), (0, 0));
     assert_eq!(used(&rx, 1), (1, (NET_HDR_SIZE + FRAME) as u32));
@@ -349,7 +350,7 @@ fn rx_chain_outside_memory_is_returned_unused() {
     let (mut net, mut peer, _interrupt) = activated(&mem, &rx, &tx);
     peer.write_all(&framed(&frame(FRAME, 12))).unwrap();
 
-    net.process_socket(false).unwrap();
+    net.process_socket(EventSet::IN).unwrap();
 
     assert_eq!(used(&rx, 0), (0, 0));
     assert_eq!(net.stats().rx_frames, 0);
@@ -365,7 +366,7 @@ fn rx_frame_larger_than_buffer_is_dropped_and_chain_reused() {
     peer.write_all(&framed(&frame(FRAME, 14))).unwrap();
     peer.write_all(&framed(&small)).unwrap();
 
-    net.process_socket(false).unwrap();
+    net.process_socket(EventSet::IN).unwrap();
 
     assert_eq!(used_count(&rx), 1);
     assert_eq!(used(&rx, 0), (0, (NET_HDR_SIZE + 100) as u32));
@@ -381,9 +382,9 @@ fn rx_without_buffers_holds_frame_and_stops_reading_until_queue_notified() {
     let first = frame(FRAME, 15);
     let second = framed(&frame(FRAME, 16));
     peer.write_all(&framed(&first)).unwrap();
-    net.process_socket(false).unwrap();
+    net.process_socket(EventSet::IN).unwrap();
     peer.write_all(&second).unwrap();
-    net.process_socket(false).unwrap();
+    net.process_socket(EventSet::IN).unwrap();
     let unread_while_starved = unread_bytes(&net);
     push_chain(&rx, 0, &[Desc::write(RX_BUF, RX_LEN)]);
     push_chain(&rx, 1, &[Desc::write(RX_BUF + 0x1000, RX_LEN)]);
@@ -404,7 +405,7 @@ fn rx_zero_length_from_peer_takes_link_down() {
     let (mut net, mut peer, interrupt) = activated(&mem, &rx, &tx);
     peer.write_all(&[0, 0, 0, 0, 0xff, 0xff]).unwrap();
 
-    net.process_socket(false).unwrap();
+    net.process_socket(EventSet::IN).unwrap();
 
     assert!(!net.link_up());
     assert_eq!(status(&net), 0);
@@ -421,7 +422,7 @@ fn rx_length_above_maximum_takes_link_down() {
     peer.write_all(&(MAX_FRAME_LEN as u32 + 1).to_be_bytes())
         .unwrap();
 
-    net.process_socket(false).unwrap();
+    net.process_socket(EventSet::IN).unwrap();
 
     assert!(!net.link_up());
     assert_eq!(interrupt.config_count(), 1);
@@ -435,7 +436,7 @@ fn rx_frame_shorter_than_ethernet_header_is_dropped() {
     let (mut net, mut peer, _interrupt) = activated(&mem, &rx, &tx);
     peer.write_all(&framed(&[1, 2, 3])).unwrap();
 
-    net.process_socket(false).unwrap();
+    net.process_socket(EventSet::IN).unwrap();
 
     assert!(net.link_up());
     assert_eq!(used_count(&rx), 0);
@@ -449,7 +450,8 @@ fn peer_close_takes_link_down_with_config_interrupt() {
     let (mut net, peer, interrupt) = activated(&mem, &rx, &tx);
     drop(peer);
 
-    net.process_socket(true).unwrap();
+    net.process_socket(EventSet::IN | EventSet::HANG_UP)
+        .unwrap();
 
     assert!(!net.link_up());
     assert_eq!(status(&net), 0);
@@ -462,7 +464,8 @@ fn tx_with_link_down_is_consumed_and_dropped() {
     let (rx, tx) = mock_queues(&mem);
     let (mut net, peer, _interrupt) = activated(&mem, &rx, &tx);
     drop(peer);
-    net.process_socket(true).unwrap();
+    net.process_socket(EventSet::IN | EventSet::HANG_UP)
+        .unwrap();
     let len = write_tx(&mem, TX_BUF, &frame(FRAME, 17));
     push_chain(&tx, 0, &[Desc::read(TX_BUF, len)]);
     push_chain(&tx, 1, &[Desc::read(TX_BUF, len)]);
@@ -515,7 +518,7 @@ fn rx_interrupts_with_used_event(used_event: u16) -> u32 {
         .unwrap();
     peer.write_all(&framed(&frame(FRAME, 19))).unwrap();
 
-    net.process_socket(false).unwrap();
+    net.process_socket(EventSet::IN).unwrap();
 
     assert_eq!(used_count(&rx), 1);
     interrupt.count()
