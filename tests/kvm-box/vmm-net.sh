@@ -143,7 +143,9 @@ PY
 cat >"$out/inner.sh" <<INNER
 #!/bin/bash
 set -u
-d=\$TMPDIR
+# Run as root, passt switches to nobody before it binds its socket.
+d=\$(mktemp -d)
+chmod 777 \$d
 python3 $out/server.py $out/blob &
 server=\$!
 passt -f -q -4 -1 -s \$d/passt.sock -a 10.0.2.15 -n 24 -g 10.0.2.2 --dns-forward 10.0.2.3 \\
