@@ -595,3 +595,62 @@ fn peer_reads_nothing_extra_after_tx() {
         Err(ErrorKind::WouldBlock)
     );
 }
+
+#[test]
+fn interest_polls_socket_edge_triggered_both_ways() {
+    use crate::EventSubscriber;
+    use std::os::fd::AsRawFd;
+    let mem = memory();
+    let (rx, tx) = mock_queues(&mem);
+    let (net, _peer, _interrupt) = activated(&mem, &rx, &tx);
+
+    let interest = net.interest();
+
+    let socket = net.socket().as_raw_fd();
+    assert!(interest.contains(&(
+        socket,
+        EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED
+    )));
+    assert_eq!(interest.len(), 3);
+}
+
+#[test]
+fn tx_queue_event_sends_the_frame() {
+    use crate::EventSubscriber;
+    use std::os::fd::AsRawFd;
+    let mem = memory();
+    let (rx, tx) = mock_queues(&mem);
+    let sent = frame(FRAME, 22);
+    let len = write_tx(&mem, TX_BUF, &sent);
+    push_chain(&tx, 0, &[Desc::read(TX_BUF, len)]);
+    let (mut net, mut peer, _interrupt) = activated(&mem, &rx, &tx);
+    let event = net.queue_event(super::TX_QUEUE);
+    event.write(1).unwrap();
+    let fd = event.as_raw_fd();
+
+    net.process(fd, EventSet::IN);
+
+    assert_eq!(read_peer(&mut peer, 4 + FRAME), framed(&sent));
+}
+
+#[test]
+fn rx_queue_event_delivers_a_held_frame() {
+    use crate::EventSubscriber;
+    use std::os::fd::AsRawFd;
+    let mem = memory();
+    let (rx, tx) = mock_queues(&mem);
+    let (mut net, mut peer, _interrupt) = activated(&mem, &rx, &tx);
+    let sent = frame(FRAME, 23);
+    peer.write_all(&framed(&sent)).unwrap();
+    let socket = net.socket().as_raw_fd();
+    net.process(socket, EventSet::IN);
+    push_chain(&rx, 0, &[Desc::write(RX_BUF, RX_LEN)]);
+    let event = net.queue_event(super::RX_QUEUE);
+    event.write(1).unwrap();
+    let fd = event.as_raw_fd();
+
+    net.process(fd, EventSet::IN);
+
+    assert_eq!(used(&rx, 0), (0, (NET_HDR_SIZE + FRAME) as u32));
+    assert_eq!(read_guest(&mem, RX_BUF + 12, FRAME), sent);
+}
