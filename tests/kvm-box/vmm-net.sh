@@ -4,9 +4,9 @@
 # Inside the box (L1), passt serves a `-netdev stream` socket in one-off mode, and a small
 # server listens on L1's loopback: HTTP on 127.0.0.1:8080 (GET /blob returns a random file),
 # and raw TCP on 127.0.0.1:8081, which reads an upload of known size and answers with its
-# SHA-256. berth-vmm boots a busybox
-# initramfs with `--net-socket`; its init configures eth0 statically (10.0.2.15/24 via
-# 10.0.2.2, passt's view of L1's uplink), checks the device's MAC and carrier, downloads the
+# SHA-256. berth-vmm boots a busybox initramfs with `--net-socket`; its init configures eth0
+# statically (10.0.2.15/24 via 10.0.2.2, passt's view of L1's uplink), checks the device's MAC
+# and carrier, downloads the
 # blob from http://10.0.2.2:8080 (passt maps the gateway address to L1's loopback) and checks
 # its hash, uploads as much and checks the hash the server saw, and prints the throughput both
 # ways. Then it asks the box to kill passt: the link must go down (carrier 0), traffic after
@@ -87,10 +87,15 @@ echo "THROUGHPUT download: $(rate $(stat -c %s /tmp/blob) $((t1 - t0))) MB/s ($(
 
 dd if=/dev/urandom of=/tmp/up bs=1048576 count="$mib" 2>/dev/null
 up_sha=$(sha256sum /tmp/up | cut -d' ' -f1)
+stats() { echo "STATS $(now): tx_bytes $(cat /sys/class/net/eth0/statistics/tx_bytes) rx_bytes $(cat /sys/class/net/eth0/statistics/rx_bytes)"; }
+(while sleep 10; do stats; done) &
+ticker=$!
 t0=$(now)
 # busybox wget posts a file as a C string (cut at the first NUL), so the upload is raw TCP.
-seen=$(nc 10.0.2.2 8081 </tmp/up)
+seen=$(timeout 300 nc 10.0.2.2 8081 </tmp/up)
 t1=$(now)
+kill $ticker
+stats
 check "upload of $mib MiB reached the server intact" [ "$seen" = "$up_sha" ]
 echo "THROUGHPUT upload: $(rate $(stat -c %s /tmp/up) $((t1 - t0))) MB/s ($((t1 - t0))0 ms)"
 
@@ -174,7 +179,7 @@ passt -f -q -4 -1 -s \$d/passt.sock -a 10.0.2.15 -n 24 -g 10.0.2.2 --dns-forward
   >$out/passt.log 2>&1 &
 passt=\$!
 for i in \$(seq 1 50); do [ -S \$d/passt.sock ] && break; sleep 0.2; done
-BERTH_VMM_LOG=info timeout $vm_timeout $vmm --kernel $kernel \\
+BERTH_VMM_LOG=info,berth_devices::virtio::net=trace timeout $vm_timeout $vmm --kernel $kernel \\
   --initramfs $out/initramfs.cpio --mem-mib 256 \\
   --cmdline "console=ttyS0 reboot=t panic=-1 berth.sha=$blob_sha berth.mib=$mib" \\
   --net-socket \$d/passt.sock --console-log $out/guest.log 2>$out/vmm.err &
@@ -195,7 +200,7 @@ chmod +x "$out/inner.sh"
 "$repo/tests/kvm-box/run.sh" --out "$out" -- "$out/inner.sh" >"$out/box.log" 2>&1 || true
 
 cat "$out/exits.txt" 2>/dev/null || true
-grep -h -e CHECK -e THROUGHPUT "$out/guest.log" 2>/dev/null || true
+grep -h -e CHECK -e THROUGHPUT -e STATS "$out/guest.log" 2>/dev/null || true
 status=0
 grep -q NET-END "$out/guest.log" 2>/dev/null || { echo "the guest did not finish" >&2; status=1; }
 grep -q "vmm exit 0" "$out/exits.txt" 2>/dev/null || { echo "berth-vmm did not exit 0" >&2; status=1; }

@@ -234,6 +234,10 @@ impl<S: NetSocket> Net<S> {
                     } else if self.stream.tx_pending() >= TX_BATCH_BYTES {
                         // Backpressure: leave the chains to the guest until the socket drains;
                         // its writable edge brings the device back here.
+                        tracing::trace!(
+                            "virtio-net: tx blocked, {} bytes pending",
+                            self.stream.tx_pending()
+                        );
                         blocked = true;
                         break;
                     }
@@ -284,7 +288,11 @@ impl<S: NetSocket> Net<S> {
         if !self.link_up {
             return Ok(());
         }
-        tracing::warn!("virtio-net: link down: {}", super::error_chain(reason));
+        tracing::warn!(
+            "virtio-net: link down: {} ({:?})",
+            super::error_chain(reason),
+            self.stats
+        );
         self.link_up = false;
         self.stream.discard();
         self.config[CONFIG_STATUS..CONFIG_STATUS + 2].copy_from_slice(&0u16.to_le_bytes());

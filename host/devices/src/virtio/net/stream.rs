@@ -1,8 +1,16 @@
 //! The `-netdev stream` framing over a non-blocking socket: frames out through a batching
 //! buffer that survives partial writes, frames in through a bounded reassembly buffer.
 //!
+//! Every `write` carries whole frames and at most [`WRITE_CHUNK_BYTES`], which a unix stream
+//! socket queues all or nothing. That matters to the backend, not to us: passt (as of Debian
+//! bookworm's 2023-03 snapshot) reads a frame's missing tail with one more `recv` and loses the
+//! framing for good if the tail is not there yet, so a frame must never reach it in two parts
+//! written at different times. QEMU's stream netdev writes one frame per call for the same
+//! reason.
+//!
 //! Nothing here knows about virtio; the device decides when to send and when to stop reading.
 
+use std::collections::VecDeque;
 use std::io::{self, ErrorKind};
 
 use super::{NetSocket, FRAME_LEN_SIZE, MAX_FRAME_LEN};
@@ -10,6 +18,9 @@ use super::{NetSocket, FRAME_LEN_SIZE, MAX_FRAME_LEN};
 /// Size of the reassembly buffer: room for several frames per read, and always for one whole
 /// frame of the largest size after the unparsed rest is moved to the front.
 pub const RX_BUFFER_BYTES: usize = 256 * 1024;
+/// Most bytes of whole frames one `write` carries (a bigger frame goes alone). A unix stream
+/// socket queues a write as one buffer, all or nothing, up to about 32 KiB plus a page.
+pub const WRITE_CHUNK_BYTES: usize = 16 * 1024;
 
 /// Why the stream cannot be used any more.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +43,8 @@ pub struct FrameStream<S: NetSocket> {
     /// Framed bytes not yet written; `tx_sent` of them are already out.
     tx: Vec<u8>,
     tx_sent: usize,
+    /// Where each frame in `tx` not yet completely written ends.
+    tx_frame_ends: VecDeque<usize>,
     /// Bytes read and not yet handed out: `rx[rx_start..rx_end]`.
     rx: Box<[u8]>,
     rx_start: usize,
@@ -48,6 +61,7 @@ impl<S: NetSocket> FrameStream<S> {
             socket,
             tx: Vec::new(),
             tx_sent: 0,
+            tx_frame_ends: VecDeque::new(),
             rx: vec![0u8; RX_BUFFER_BYTES].into_boxed_slice(),
             rx_start: 0,
             rx_end: 0,
@@ -89,26 +103,64 @@ impl<S: NetSocket> FrameStream<S> {
         self.tx.extend_from_slice(&(len as u32).to_be_bytes());
         self.tx.resize(start + FRAME_LEN_SIZE + len, 0);
         let result = fill(&mut self.tx[start + FRAME_LEN_SIZE..]);
-        if result.is_err() {
-            self.tx.truncate(start);
+        match result {
+            Ok(()) => self.tx_frame_ends.push_back(self.tx.len()),
+            Err(_) => self.tx.truncate(start),
         }
         result
     }
 
-    /// Writes as much of the pending bytes as the socket takes without blocking.
+    /// Writes as much of the pending bytes as the socket takes without blocking, whole frames
+    /// at a time (see the module documentation).
     pub fn flush(&mut self) -> Result<(), StreamError> {
         while self.tx_sent < self.tx.len() {
-            match self.socket.write(&self.tx[self.tx_sent..]) {
+            let end = self.next_write_end();
+            match self.socket.write(&self.tx[self.tx_sent..end]) {
                 Ok(0) => return Err(StreamError::Io(ErrorKind::WriteZero.into())),
                 Ok(n) => self.tx_sent += n,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    self.drop_sent();
+                    return Ok(());
+                }
                 Err(e) => return Err(StreamError::Io(e)),
+            }
+            while self
+                .tx_frame_ends
+                .front()
+                .is_some_and(|end| *end <= self.tx_sent)
+            {
+                self.tx_frame_ends.pop_front();
             }
         }
         self.tx.clear();
         self.tx_sent = 0;
+        self.tx_frame_ends.clear();
         Ok(())
+    }
+
+    /// The end of the next write: the rest of the first unfinished frame, and the frames after
+    /// it while they fit in [`WRITE_CHUNK_BYTES`].
+    fn next_write_end(&self) -> usize {
+        let mut ends = self.tx_frame_ends.iter();
+        let mut end = ends.next().copied().unwrap_or(self.tx.len());
+        for next in ends {
+            if next - self.tx_sent > WRITE_CHUNK_BYTES {
+                break;
+            }
+            end = *next;
+        }
+        end
+    }
+
+    /// Drops the bytes already written, so under steady traffic (when the buffer never
+    /// empties) it does not grow with everything ever sent.
+    fn drop_sent(&mut self) {
+        self.tx.drain(..self.tx_sent);
+        for end in &mut self.tx_frame_ends {
+            *end -= self.tx_sent;
+        }
+        self.tx_sent = 0;
     }
 
     /// The next complete frame, reading the socket if no complete frame is buffered; `None`
@@ -137,6 +189,7 @@ impl<S: NetSocket> FrameStream<S> {
     pub fn discard(&mut self) {
         self.tx = Vec::new();
         self.tx_sent = 0;
+        self.tx_frame_ends.clear();
         self.rx_start = 0;
         self.rx_end = 0;
         self.readable = false;
@@ -220,6 +273,96 @@ mod tests {
         peer.read_exact(&mut got).unwrap();
         assert_eq!(got.to_vec(), framed(b"abc"));
         assert_eq!(stream.tx_pending(), 0);
+    }
+
+    /// A socket that records the length of every write and accepts at most `accept` bytes of
+    /// each, the rest of its buffer being "full".
+    #[derive(Debug)]
+    struct RecordingSocket {
+        inner: UnixStream,
+        writes: Vec<usize>,
+        accept: usize,
+    }
+
+    impl Read for RecordingSocket {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.inner.read(buf)
+        }
+    }
+
+    impl Write for RecordingSocket {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if self.accept == 0 {
+                return Err(ErrorKind::WouldBlock.into());
+            }
+            let n = buf.len().min(self.accept);
+            self.accept -= n;
+            self.writes.push(buf.len());
+            self.inner.write(&buf[..n])
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl std::os::fd::AsRawFd for RecordingSocket {
+        fn as_raw_fd(&self) -> std::os::fd::RawFd {
+            self.inner.as_raw_fd()
+        }
+    }
+
+    #[test]
+    fn flush_writes_whole_frames_of_at_most_a_chunk_per_call() {
+        let (ours, _peer) = UnixStream::pair().unwrap();
+        let socket = RecordingSocket {
+            inner: ours,
+            writes: Vec::new(),
+            accept: usize::MAX,
+        };
+        let mut stream = FrameStream::new(socket);
+        // 1500-byte frames: 10 fit one chunk (10 * 1504 <= 16 KiB), an 11th would not.
+        for _ in 0..25 {
+            stream
+                .queue_frame(1500, |buf| {
+                    buf.fill(1);
+                    Ok::<(), ()>(())
+                })
+                .unwrap();
+        }
+
+        stream.flush().unwrap();
+
+        assert_eq!(stream.socket().writes, vec![10 * 1504, 10 * 1504, 5 * 1504]);
+    }
+
+    #[test]
+    fn flush_after_partial_write_sends_the_rest_in_order() {
+        let (ours, mut peer) = UnixStream::pair().unwrap();
+        let socket = RecordingSocket {
+            inner: ours,
+            writes: Vec::new(),
+            accept: 1000,
+        };
+        let mut stream = FrameStream::new(socket);
+        for seed in 0..3u8 {
+            stream
+                .queue_frame(1500, |buf| {
+                    buf.fill(seed);
+                    Ok::<(), ()>(())
+                })
+                .unwrap();
+        }
+        stream.flush().unwrap();
+        stream.socket.accept = usize::MAX;
+
+        stream.flush().unwrap();
+
+        // The first write was cut short after 1000 bytes; the next carries everything after.
+        assert_eq!(stream.socket().writes, vec![3 * 1504, 3 * 1504 - 1000]);
+        let mut got = vec![0u8; 3 * 1504];
+        peer.read_exact(&mut got).unwrap();
+        let expected: Vec<u8> = (0..3u8).flat_map(|seed| framed(&[seed; 1500])).collect();
+        assert_eq!(got, expected);
     }
 
     #[test]
