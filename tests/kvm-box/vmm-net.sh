@@ -184,6 +184,11 @@ BERTH_VMM_LOG=info,berth_devices::virtio::net=trace timeout $vm_timeout $vmm --k
   --cmdline "console=ttyS0 reboot=t panic=-1 berth.sha=$blob_sha berth.mib=$mib" \\
   --net-socket \$d/passt.sock --console-log $out/guest.log 2>$out/vmm.err &
 vm=\$!
+# Socket queues every 10 s, for a run that stalls: which side holds the bytes.
+(while kill -0 \$vm 2>/dev/null; do
+  { date +%s; ss -xp | grep -E 'berth-vmm|passt'; ss -tn | grep -E ':808[01]'; } >>$out/queues.log 2>&1
+  sleep 10
+done) &
 # Kill passt when the guest asks, to take the link down under a running VM.
 while kill -0 \$vm 2>/dev/null; do
   if grep -q KILL-PASST $out/guest.log 2>/dev/null; then
