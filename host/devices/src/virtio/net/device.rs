@@ -26,6 +26,9 @@ use crate::GuestMemoryMmap;
 const CONFIG_SIZE: usize = 10;
 /// Offset of `status` in the configuration space.
 const CONFIG_STATUS: usize = 6;
+/// Framed bytes the device gathers from TX chains before it writes them out, and the most it
+/// holds while the socket would block before it stops taking chains.
+pub const TX_BATCH_BYTES: usize = 128 * 1024;
 /// `VIRTIO_NET_HDR_F_NEEDS_CSUM`: the only header flag that asks the device for work.
 const HDR_F_NEEDS_CSUM: u8 = 1;
 
@@ -225,13 +228,10 @@ impl<S: NetSocket> Net<S> {
             let mut blocked = false;
             loop {
                 let usable = self.link_up && broken.is_none();
-                // Each frame goes out before the next chain is taken, as QEMU sends them: passt
-                // handles a burst of many queued frames badly (lost ACKs, stalled transfers,
-                // seen in the KVM box), and one write per frame keeps the stream paced.
-                if usable && self.stream.tx_pending() > 0 {
+                if usable && self.stream.tx_pending() >= TX_BATCH_BYTES {
                     if let Err(e) = self.stream.flush() {
                         broken = Some(e);
-                    } else if self.stream.tx_pending() > 0 {
+                    } else if self.stream.tx_pending() >= TX_BATCH_BYTES {
                         // Backpressure: leave the chains to the guest until the socket drains;
                         // its writable edge brings the device back here.
                         tracing::trace!(

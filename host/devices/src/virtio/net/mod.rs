@@ -9,8 +9,8 @@
 //!
 //! Two queues, RX (0) and TX (1). Everything runs on the event-loop thread:
 //!
-//! - TX: each chain's frame is written to the socket before the next chain is taken. When the
-//!   socket would block, the unsent rest waits in the device and the device stops taking TX
+//! - TX: each chain's frame is appended to an outgoing buffer that is written to the socket in
+//!   batches. When the socket would block and the buffer is full, the device stops taking TX
 //!   chains (the guest's queue fills up and its driver stops the interface) until the socket
 //!   reports it is writable again.
 //! - RX: the socket is read into a bounded reassembly buffer and cut into frames. A frame with
