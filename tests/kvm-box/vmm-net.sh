@@ -2,9 +2,9 @@
 # End-to-end check of berth-vmm's virtio-net with passt as its backend, in the KVM box.
 #
 # Inside the box (L1), passt serves a `-netdev stream` socket in one-off mode, and a small
-# server listens on L1's loopback: HTTP on 127.0.0.1:8080 (GET /blob returns a random file),
-# and raw TCP on 127.0.0.1:8081, which reads an upload of known size and answers with its
-# SHA-256. berth-vmm boots a busybox initramfs with `--net-socket`; its init configures eth0
+# server listens on L1's loopback: HTTP on 127.0.0.1:8080 (GET /blob returns a random file,
+# POST /upload answers with the SHA-256 of the body; the raw TCP receiver on 8081 is kept for
+# manual runs). berth-vmm boots a busybox initramfs with `--net-socket`; its init configures eth0
 # statically (10.0.2.15/24 via 10.0.2.2, passt's view of L1's uplink), checks the device's MAC
 # and carrier, downloads the
 # blob from http://10.0.2.2:8080 (passt maps the gateway address to L1's loopback) and checks
@@ -93,14 +93,14 @@ check "download of $mib MiB has the right SHA-256" [ "$(sha256sum /tmp/blob | cu
 echo "THROUGHPUT download: $(rate $(stat -c %s /tmp/blob) $((t1 - t0))) MB/s ($((t1 - t0))0 ms)"
 
 upmib=$(arg upmib)
-dd if=/dev/urandom of=/tmp/up bs=1048576 count="$upmib" 2>/dev/null
+# Hex text: busybox wget posts a file as a C string, cut at its first NUL.
+dd if=/dev/urandom bs=524288 count="$upmib" 2>/dev/null | od -An -tx1 -v | tr -d ' \n' >/tmp/up
 up_sha=$(sha256sum /tmp/up | cut -d' ' -f1)
 stats() { echo "STATS $(now): tx_bytes $(cat /sys/class/net/eth0/statistics/tx_bytes) rx_bytes $(cat /sys/class/net/eth0/statistics/rx_bytes)"; }
 (while sleep 10; do stats; done) &
 ticker=$!
 t0=$(now)
-# busybox wget posts a file as a C string (cut at the first NUL), so the upload is raw TCP.
-seen=$(timeout 300 nc 10.0.2.2 8081 </tmp/up)
+seen=$(timeout 300 wget -q -O - --post-file=/tmp/up "$url/upload")
 t1=$(now)
 kill $ticker
 stats
@@ -167,6 +167,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self):
         self.reply(blob if self.path == "/blob" else b"small\n")
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.reply(hashlib.sha256(body).hexdigest().encode())
 
     def log_message(self, *args):
         pass
