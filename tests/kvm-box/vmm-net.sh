@@ -34,9 +34,10 @@ vm_timeout=${BERTH_VM_TIMEOUT:-900}
 anchor=${BERTH_NET_TEST_VMM:-berth-vmm}
 # Size of the file moved each way, in MiB.
 mib=${BERTH_NET_TEST_MIB:-16}
-# Size of the upload, in MiB: kept small because passt 0.0~git20230309 stalls a longer upload
-# from a slow guest (the connection to the server is closed, the guest hears nothing more); the
-# same happens with QEMU's own virtio-net (BERTH_NET_TEST_VMM=qemu), so it is not the device's.
+# Size of the upload, in MiB of hex text (from half as many random bytes). A raw TCP upload to
+# the receiver on 8081 (which answers and closes) stalled inside passt 0.0~git20230309 even at
+# 1 MiB: the guest heard nothing more from the connection, under berth-vmm and under QEMU's own
+# virtio-net alike (BERTH_NET_TEST_VMM=qemu). The HTTP POST does not stall.
 up_mib=${BERTH_NET_TEST_UP_MIB:-1}
 while [[ $# -gt 0 ]]; do
   case $1 in
