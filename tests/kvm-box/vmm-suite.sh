@@ -11,10 +11,13 @@
 #      surviving a reboot of the VM; the balloon's free page reporting.
 #   4. vmm-virtiofs.sh: a file crosses virtio-fs (virtiofsd behind our vhost-user frontend)
 #      both ways.
-#   5. The VM container suite (tests/tests/vm_containers.rs) and the docker CLI suite
+#   5. vmm-net.sh: virtio-net behind passt: a download and an upload through passt to a
+#      server on L1's loopback, checked by hash, throughput printed, and the link going down
+#      (the VM still running) when passt is killed.
+#   6. The VM container suite (tests/tests/vm_containers.rs) and the docker CLI suite
 #      (host/daemon/tests/docker_cli.rs) under BERTH_BACKEND=vmm: what a user sees, on berth-vmm.
-#   6. A container reaches a server on the host's loopback through the guest's uplink
-#      (berth-vmm's virtio-net, passt on the host side).
+#   7. A container reaches a server on the host's loopback through the guest's uplink
+#      (berth-vmm's virtio-net, passt started by the engine).
 #
 # L2 runs slowly here (every exit of the nested guest is emulated), so the parts carry long
 # timeouts; on a host with hardware KVM the same scenarios run directly and fast.
@@ -63,6 +66,9 @@ if [[ -x tests/kvm-box/vmm-virtiofs.sh ]]; then
   step "virtio-fs"
   tests/kvm-box/vmm-virtiofs.sh
 fi
+
+step "virtio-net behind passt"
+tests/kvm-box/vmm-net.sh
 
 step "the VM container suite under the vmm backend"
 tests/kvm-box/run.sh --out "$out" -- "${vmm_env[@]}" "$vm_containers" --test-threads 1

@@ -4,10 +4,16 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 use std::str::FromStr;
 
+pub use berth_devices::virtio::net::MacAddr;
+
 /// Most vCPUs we give a guest (the MP table and IRQ layout are sized for this).
 pub const MAX_VCPUS: u8 = 32;
 /// Least memory the guest kernel and initramfs need.
 pub const MIN_MEM_MIB: u64 = 64;
+/// The guest's MAC when none is given: locally administered (bit 1 of the first octet), unicast,
+/// fixed so the guest's address is the same on every boot. Every VM sits alone on its own link
+/// to its own network stack, so VMs never see each other's MAC.
+pub const DEFAULT_MAC: MacAddr = MacAddr([0x02, 0x42, 0xac, 0x00, 0x00, 0x02]);
 /// Longest virtio-fs tag: the size of the `tag` field of the device's configuration space.
 pub const MAX_SHARE_TAG_LEN: usize = 36;
 
@@ -36,6 +42,18 @@ pub struct VmConfig {
     pub balloon: bool,
     /// Host directories shared with the guest over virtio-fs, one device each.
     pub shares: Vec<ShareConfig>,
+    /// The guest's network device, linked to a user-mode network stack.
+    pub net: Option<NetConfig>,
+}
+
+/// A virtio-net device whose backend is a unix stream socket speaking QEMU's `-netdev stream`
+/// framing (4-byte big-endian length, then an Ethernet frame), such as passt's `-s PATH`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    /// The backend's listening socket; the VMM connects to it at start.
+    pub socket: PathBuf,
+    /// The guest interface's MAC.
+    pub mac: MacAddr,
 }
 
 /// One virtio-blk disk.
@@ -151,6 +169,9 @@ pub enum ConfigError {
     /// Two shares have the same tag, so the guest could mount only one of them.
     #[error("share tag {0:?} is given twice")]
     DuplicateShareTag(String),
+    /// The network backend's socket path does not exist.
+    #[error("network socket {} does not exist", .0.display())]
+    NetSocketNotFound(PathBuf),
 }
 
 impl VmConfig {
@@ -168,6 +189,12 @@ impl VmConfig {
             }
         }
         self.disks.iter().try_for_each(DiskConfig::validate)?;
+        if let Some(net) = &self.net {
+            // Whether something listens there is only known when the VMM connects.
+            if !net.socket.exists() {
+                return Err(ConfigError::NetSocketNotFound(net.socket.clone()));
+            }
+        }
         self.validate_shares()
     }
 
@@ -228,6 +255,7 @@ mod tests {
                 tag: "home".into(),
                 socket: "/tmp/fs.sock".into(),
             }],
+            net: None,
         }
     }
 
@@ -436,5 +464,47 @@ mod tests {
         let share = format!("{tag}=/run/fs.sock").parse::<ShareConfig>();
 
         assert_eq!(share.map(|s| s.tag), Ok(tag));
+    }
+
+    #[test]
+    fn validate_missing_net_socket_fails_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("passt.sock");
+        let config = VmConfig {
+            net: Some(NetConfig {
+                socket: missing.clone(),
+                mac: DEFAULT_MAC,
+            }),
+            ..config()
+        };
+
+        assert_eq!(
+            config.validate(),
+            Err(ConfigError::NetSocketNotFound(missing))
+        );
+    }
+
+    #[test]
+    fn validate_existing_net_socket_passes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("passt.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let config = VmConfig {
+            net: Some(NetConfig {
+                socket: path,
+                mac: DEFAULT_MAC,
+            }),
+            ..config()
+        };
+
+        assert_eq!(config.validate(), Ok(()));
+    }
+
+    #[test]
+    fn default_mac_is_locally_administered_unicast() {
+        let first = DEFAULT_MAC.octets()[0];
+
+        assert_eq!((first & 0b10, first & 0b01), (0b10, 0));
+        assert_eq!(DEFAULT_MAC.to_string().parse::<MacAddr>(), Ok(DEFAULT_MAC));
     }
 }

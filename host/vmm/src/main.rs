@@ -6,7 +6,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use berth_vmm::config::{DiskConfig, ShareConfig, VmConfig, VsockConfig};
+use berth_vmm::config::{
+    DiskConfig, MacAddr, NetConfig, ShareConfig, VmConfig, VsockConfig, DEFAULT_MAC,
+};
 use berth_vmm::exit::EXIT_VMM_ERROR;
 
 /// Boot a Berth guest under KVM and run it until it powers off.
@@ -51,6 +53,15 @@ struct Args {
     /// Give the guest a virtio-balloon device with free page reporting.
     #[arg(long)]
     balloon: bool,
+    /// Give the guest a virtio-net device linked to the user-mode network stack listening on
+    /// this unix socket, which must speak QEMU's `-netdev stream` framing (passt's `-s PATH`).
+    /// The VMM connects at start and fails if it cannot.
+    #[arg(long, value_name = "PATH")]
+    net_socket: Option<PathBuf>,
+    /// MAC address of the guest's network device (02:42:ac:00:00:02 by default, a fixed
+    /// locally administered address).
+    #[arg(long, value_name = "XX:XX:XX:XX:XX:XX", requires = "net_socket")]
+    mac: Option<MacAddr>,
 }
 
 impl Args {
@@ -70,6 +81,10 @@ impl Args {
             shares: self.shares,
             disks: self.disks,
             balloon: self.balloon,
+            net: self.net_socket.map(|socket| NetConfig {
+                socket,
+                mac: self.mac.unwrap_or(DEFAULT_MAC),
+            }),
         }
     }
 }
@@ -98,4 +113,52 @@ fn main() -> ExitCode {
     };
     // vCPU threads are still in KVM_RUN; exiting the process ends them with the VM.
     std::process::exit(code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &[&str]) -> Result<VmConfig, clap::Error> {
+        let args = ["berth-vmm", "--kernel", "vmlinux"].iter().chain(extra);
+        Args::try_parse_from(args).map(Args::into_config)
+    }
+
+    #[test]
+    fn args_without_net_socket_give_no_net_device() {
+        assert_eq!(parse(&[]).unwrap().net, None);
+    }
+
+    #[test]
+    fn args_net_socket_alone_uses_default_mac() {
+        let config = parse(&["--net-socket", "/run/passt.sock"]).unwrap();
+
+        assert_eq!(
+            config.net,
+            Some(NetConfig {
+                socket: "/run/passt.sock".into(),
+                mac: DEFAULT_MAC,
+            })
+        );
+    }
+
+    #[test]
+    fn args_mac_sets_the_guest_mac() {
+        let config = parse(&["--net-socket", "s", "--mac", "02:00:00:00:00:2a"]).unwrap();
+
+        assert_eq!(
+            config.net.map(|n| n.mac),
+            Some(MacAddr([2, 0, 0, 0, 0, 0x2a]))
+        );
+    }
+
+    #[test]
+    fn args_malformed_mac_fails() {
+        assert!(parse(&["--net-socket", "s", "--mac", "02:00:00:00:00"]).is_err());
+    }
+
+    #[test]
+    fn args_mac_without_net_socket_fails() {
+        assert!(parse(&["--mac", "02:00:00:00:00:2a"]).is_err());
+    }
 }

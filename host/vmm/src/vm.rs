@@ -2,7 +2,7 @@
 //!
 //! Boot flow: validate the config → block termination signals → open KVM, create the VM with
 //! an in-kernel irqchip and PIT → map guest memory → load kernel and initramfs → wire the
-//! devices (console, i8042, virtio: vsock, disks in order, rng, balloon, shares) → write command line,
+//! devices (console, i8042, virtio: vsock, disks in order, rng, balloon, shares, net) → write command line,
 //! PVH start info, MP table and GDT → create and start the vCPUs → run the event loop until
 //! the guest stops or a signal arrives.
 
@@ -34,6 +34,7 @@ use crate::x86_64::regs::{self, RegsError};
 use berth_devices::legacy::PanicWatch;
 use berth_devices::virtio::balloon::{Balloon, BalloonError};
 use berth_devices::virtio::block::{Block, BlockError};
+use berth_devices::virtio::net::{Net, NetError};
 use berth_devices::virtio::rng::{OsEntropy, Rng};
 use berth_devices::vsock::{MuxerConfig, Vsock, VsockMuxer};
 use berth_devices::GuestMemoryMmap;
@@ -95,6 +96,9 @@ pub enum VmError {
     /// The event loop failed.
     #[error(transparent)]
     EventLoop(#[from] EventLoopError),
+    /// The network device could not reach its backend.
+    #[error("cannot set up the network device")]
+    Net(#[source] NetError),
     /// A virtio-fs device could not be created.
     #[error("cannot create the virtio-fs device {0:?}")]
     Share(String, #[source] VhostUserFsError),
@@ -189,6 +193,17 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmError> {
         let fs = VhostUserFs::new(share).map_err(|e| VmError::Share(share.tag.clone(), e))?;
         let name = format!("fs {}", share.tag);
         devices.register_mmio_virtio(&vm, &mem, &mut cmdline, &name, Arc::new(Mutex::new(fs)))?;
+    }
+
+    if let Some(net) = &config.net {
+        let device = Net::connect(&net.socket, net.mac).map_err(VmError::Net)?;
+        devices.register_mmio_virtio(
+            &vm,
+            &mem,
+            &mut cmdline,
+            "net",
+            Arc::new(Mutex::new(device)),
+        )?;
     }
 
     boot::write_boot_info(&mem, mem_size, &cmdline, initramfs)?;

@@ -12,6 +12,7 @@ const BLK_ROUNDS: u64 = 2000;
 const BALLOON_ROUNDS: u64 = 2000;
 const RNG_ROUNDS: u64 = 3000;
 const MMIO_ROUNDS: u64 = 2000;
+const NET_ROUNDS: u64 = 2000;
 /// vsock rounds that share one muxer, so packets meet connections earlier rounds opened.
 const ROUNDS_PER_MUXER: u64 = 100;
 
@@ -82,9 +83,15 @@ fn mmio_random_register_accesses_keep_invariants() {
 }
 
 #[test]
+fn net_random_guest_queues_and_backend_keep_invariants() {
+    for_each_seed(6, rounds(NET_ROUNDS), |_, rng| net_round(rng));
+}
+
+#[test]
 fn fuzz_entries_empty_input_returns() {
     fuzz_vsock(&[]);
     fuzz_blk(&[]);
+    fuzz_net(&[]);
 }
 
 #[test]
@@ -93,6 +100,7 @@ fn fuzz_entries_short_input_returns() {
 
     fuzz_vsock(&data);
     fuzz_blk(&data);
+    fuzz_net(&data);
 }
 
 #[test]

@@ -4,6 +4,7 @@
 pub mod balloon;
 pub mod block;
 pub mod mmio;
+pub mod net;
 pub mod rng;
 
 use std::fmt::Debug;
