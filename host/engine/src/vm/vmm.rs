@@ -208,11 +208,14 @@ pub fn vmm_args(config: &VmConfig) -> Vec<OsString> {
     args
 }
 
-/// passt's arguments: in the foreground, serving one VM on `socket` and quitting when it
-/// disconnects, IPv4 only, with slirp's addresses (see the module documentation). Pure, so the
+/// passt's arguments: in the foreground, serving one VM on `socket`, IPv4 only, with slirp's addresses (see the module documentation). Pure, so the
 /// addresses are unit-tested against the ones the agent configures.
+///
+/// Not `--one-off`: with it, passt exited (status 0) once in CI while the guest was still
+/// booting, which failed the boot; passt dropping the connection now only takes the guest's
+/// link down. The VM's stop kills passt with the other helpers.
 pub fn passt_args(socket: &Path) -> Vec<OsString> {
-    let mut args: Vec<OsString> = ["--foreground", "--quiet", "--one-off", "--ipv4-only"]
+    let mut args: Vec<OsString> = ["--foreground", "--quiet", "--ipv4-only"]
         .map(OsString::from)
         .to_vec();
     let mut flag = |name: &str, value: OsString| {
@@ -283,7 +286,7 @@ mod tests {
 
         assert_eq!(
             args,
-            "--foreground --quiet --one-off --ipv4-only --socket /run/berth/vm/passt/passt.sock \
+            "--foreground --quiet --ipv4-only --socket /run/berth/vm/passt/passt.sock \
              --address 10.0.2.15 --netmask 24 --gateway 10.0.2.2 --dns-forward 10.0.2.3"
         );
     }
