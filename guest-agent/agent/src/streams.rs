@@ -23,9 +23,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use agent_protocol::{
-    read_frame, write_frame, AgentError, StreamAccept, StreamHeader, StreamKind, PROBE_WRITE_LEN,
-};
+use agent_protocol::{read_frame, write_frame, AgentError, StreamAccept, StreamHeader, StreamKind};
 use nix::sys::socket::{setsockopt, shutdown, sockopt, Shutdown};
 use nix::sys::time::{TimeVal, TimeValLike};
 use thiserror::Error;
@@ -179,21 +177,7 @@ fn serve_forward(mut connection: File, kind: StreamKind, target: agent_protocol:
 /// A transport probe (`berth bench vsock`): swallow the host's bytes and answer their count,
 /// or send the zeros it asked for.
 fn serve_probe(mut connection: File, kind: StreamKind) -> io::Result<()> {
-    match kind {
-        StreamKind::Discard => {
-            let received = copy(&mut connection, &mut io::sink())?;
-            connection.write_all(&received.to_be_bytes())?;
-        }
-        StreamKind::Zeros(mut left) => {
-            let zeros = vec![0u8; PROBE_WRITE_LEN];
-            while left > 0 {
-                let n = usize::try_from(left).map_or(PROBE_WRITE_LEN, |l| l.min(PROBE_WRITE_LEN));
-                connection.write_all(&zeros[..n])?;
-                left -= n as u64;
-            }
-        }
-        _ => {}
-    }
+    agent_protocol::serve_probe(&mut connection, kind)?;
     shutdown(connection.as_raw_fd(), Shutdown::Write).map_err(io::Error::from)
 }
 
@@ -284,6 +268,8 @@ fn pump_pty(mut master: File, mut connection: File) {
 #[cfg(test)]
 mod tests {
     use std::os::unix::net::UnixStream;
+
+    use agent_protocol::PROBE_WRITE_LEN;
 
     use super::*;
 

@@ -261,6 +261,42 @@ pub const PROBE_WRITE_LEN: usize = 64 * 1024;
 /// The bytes of the count that ends a [`StreamKind::Discard`] probe.
 pub const PROBE_COUNT_LEN: usize = 8;
 
+/// The probe end of a [`StreamKind::Discard`] or [`StreamKind::Zeros`] stream: swallows the
+/// peer's bytes until its half-close and answers their count, or writes the zeros asked for.
+/// Other kinds are left alone. The caller half-closes afterwards. The agent serves its probes
+/// with this, and `berth bench vsock` its native anchor.
+pub fn serve_probe(
+    stream: &mut (impl std::io::Read + std::io::Write),
+    kind: StreamKind,
+) -> std::io::Result<()> {
+    match kind {
+        StreamKind::Discard => {
+            // Reads of PROBE_WRITE_LEN, the size of the peer's writes.
+            let mut buffer = vec![0u8; PROBE_WRITE_LEN];
+            let mut received = 0u64;
+            loop {
+                match stream.read(&mut buffer) {
+                    Ok(0) => break,
+                    Ok(n) => received += n as u64,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            stream.write_all(&received.to_be_bytes())
+        }
+        StreamKind::Zeros(mut left) => {
+            let zeros = vec![0u8; PROBE_WRITE_LEN];
+            while left > 0 {
+                let n = usize::try_from(left).map_or(PROBE_WRITE_LEN, |l| l.min(PROBE_WRITE_LEN));
+                stream.write_all(&zeros[..n])?;
+                left -= n as u64;
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
 /// The first frame on a stream connection: what the connection belongs to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StreamHeader {

@@ -16,7 +16,7 @@ use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use agent_protocol::{StreamHeader, StreamKind, PROBE_COUNT_LEN, PROBE_WRITE_LEN};
+use agent_protocol::{serve_probe, StreamHeader, StreamKind, PROBE_COUNT_LEN, PROBE_WRITE_LEN};
 use anyhow::{bail, Context};
 use berth_engine::agent_client::open_stream_vsock;
 use berth_engine::vm::qemu::{Accel, QemuBackend};
@@ -198,29 +198,7 @@ fn receive(stream: &mut UnixStream, bytes: u64) -> anyhow::Result<Duration> {
 fn native_peer(probe: StreamKind) -> anyhow::Result<UnixStream> {
     let (ours, mut theirs) = UnixStream::pair().context("creating a socket pair")?;
     thread::spawn(move || -> io::Result<()> {
-        match probe {
-            StreamKind::Discard => {
-                let mut buffer = vec![0u8; PROBE_WRITE_LEN];
-                let mut count = 0u64;
-                loop {
-                    match theirs.read(&mut buffer)? {
-                        0 => break,
-                        n => count += n as u64,
-                    }
-                }
-                theirs.write_all(&count.to_be_bytes())?;
-            }
-            StreamKind::Zeros(mut left) => {
-                let zeros = vec![0u8; PROBE_WRITE_LEN];
-                while left > 0 {
-                    let n =
-                        usize::try_from(left).map_or(PROBE_WRITE_LEN, |l| l.min(PROBE_WRITE_LEN));
-                    theirs.write_all(&zeros[..n])?;
-                    left -= n as u64;
-                }
-            }
-            _ => {}
-        }
+        serve_probe(&mut theirs, probe)?;
         theirs.shutdown(Shutdown::Write)
     });
     Ok(ours)
